@@ -1,0 +1,56 @@
+"""The `prumerge` command.
+
+Each subcommand lives in its own module under `prumerge.commands` and exposes
+`register(subparsers)`, which adds its parser and sets `func` to a callable taking the parsed
+arguments and returning an exit code. Command modules import heavy libraries (transformers,
+matplotlib) inside their run functions, so `prumerge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from prumerge.errors import PrumergeError
+
+# Module names under prumerge.commands, in the order `prumerge --help` lists them.
+COMMANDS: tuple[str, ...] = ("ask", "methods", "eval", "cost", "bench", "train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prumerge",
+        description="Adaptive visual-token pruning and merging for large multimodal models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"prumerge.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"prumerge.commands.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PrumergeError as exc:
+        print(f"prumerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prumerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
