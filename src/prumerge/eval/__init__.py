@@ -1,0 +1,11 @@
+"""Evaluation: benchmarks, metrics, a generated benchmark and a resumable runner.
+
+- :mod:`prumerge.eval.metrics`: VQA accuracy, POPE, MME, ScienceQA and exact match, computed
+  the way the community's scripts compute them.
+- :mod:`prumerge.eval.datasets`: the benchmark registry and loaders for LLaVA's data formats.
+- :mod:`prumerge.eval.synth`: a seeded, generated benchmark of small coloured shapes.
+- :mod:`prumerge.eval.runner`: runs any :class:`~prumerge.eval.runner.Predictor` over a
+  benchmark, resumably and data-parallel, and summarises the results.
+
+Nothing here imports a model; the submodules are imported on demand.
+"""
