@@ -1,0 +1,201 @@
+"""PruMerge and PruMerge+ (Shang et al., arXiv 2403.15388) as batched tensor operations."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from prumerge.ops.reduction import Reduction
+from prumerge.ops.select import (
+    budget_count,
+    infer_grid,
+    inverse_permutation,
+    iqr_keep_count,
+    rank_descending,
+    spatial_rank,
+)
+
+MergeMode = Literal["sum", "mean", "none"]
+OrderMode = Literal["raster", "attention"]
+
+
+def _validate(tokens: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor) -> None:
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be (B, N, C); got {tuple(tokens.shape)}")
+    batch, num, _ = tokens.shape
+    if keys.ndim != 3 or keys.shape[:2] != (batch, num):
+        raise ValueError(f"keys must be (B, N, Ck) = ({batch}, {num}, Ck); got {tuple(keys.shape)}")
+    if cls_attn.shape != (batch, num):
+        raise ValueError(f"cls_attn must be (B, N) = ({batch}, {num}); got {tuple(cls_attn.shape)}")
+    if num == 0:
+        raise ValueError("there are no tokens to reduce (N = 0)")
+    for name, tensor in (("tokens", tokens), ("keys", keys), ("cls_attn", cls_attn)):
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} contains NaN or inf values")
+
+
+def prumerge(
+    tokens: torch.Tensor,
+    keys: torch.Tensor,
+    cls_attn: torch.Tensor,
+    *,
+    keep: int | float | None = None,
+    knn: int = 32,
+    plus: bool = False,
+    grid: tuple[int, int] | None = None,
+    supplement: bool = True,
+    merge: MergeMode = "sum",
+    whisker: float = 1.5,
+    min_keep: int = 1,
+    uniform_factor: float = 3.0,
+    order: OrderMode = "raster",
+) -> Reduction:
+    """Prune visual tokens to the [CLS]-attention outliers and merge the rest into them.
+
+    Steps, for every row independently:
+
+    1. **Select.** ``keep=None`` keeps the patches whose [CLS] attention lies above the
+       row's upper fence Q3 + whisker * IQR (at least ``min_keep``). An int keeps that many
+       output tokens, a float in (0, 1] that fraction of N; the supplement token counts
+       toward a fixed budget. Ties in attention go to the lower patch index.
+    2. **PruMerge+** (``plus=True``) adds spatially uniform samples of the patch grid,
+       skipping cells already selected: ``uniform_factor`` samples per attention-selected
+       patch in adaptive mode (the released code's stride of 1/(3 * ratio) gives about 3),
+       or the budget split 1 : uniform_factor between attention and spatial samples.
+    3. **Merge.** Each kept token i takes its ``knn`` nearest patches by cosine similarity of
+       the keys (among all other patches) and adds their features weighted by their [CLS]
+       attention a_j. ``merge="sum"`` is the released code, x_i + sum_j a_j x_j, and the
+       default because the paper's reported numbers come from it. ``merge="mean"`` is the
+       weighted average the paper's text describes, (a_i x_i + sum_j a_j x_j) / (a_i +
+       sum_j a_j), which keeps the feature scale. ``merge="none"`` skips merging.
+    4. **Supplement.** With ``supplement=True`` one more token, sum_j a_j x_j over the pruned
+       patches, follows the kept ones (as in the released code). Rows that keep all N
+       patches are returned unmerged and without it.
+
+    Args:
+        tokens: (B, N, C) patch features to reduce (the prefix tokens already removed).
+        keys: (B, N, Ck) key projections of the patches in the layer the attention came from.
+        cls_attn: (B, N) [CLS] attention over the patches, e.g. from ``cls_attention``.
+        keep: None for adaptive (IQR), an int count or a float ratio of N.
+        knn: neighbours merged into each kept token; clamped to N - 1.
+        plus: PruMerge+ spatial samples.
+        grid: (rows, cols) patch grid for ``plus``; inferred when N is a perfect square.
+        supplement: append the attention-weighted sum of the pruned patches.
+        merge: ``"sum"``, ``"mean"`` or ``"none"``, see above.
+        whisker: IQR fence multiplier of the adaptive rule.
+        min_keep: least number of attention-selected patches in adaptive mode.
+        uniform_factor: PruMerge+ spatial samples per attention-selected patch.
+        order: ``"raster"`` (default) emits kept tokens in spatial order, which keeps the
+            LLM's positions meaningful; ``"attention"`` in descending attention, as the
+            released code does.
+
+    Returns:
+        A ``Reduction``; ``tokens`` has the dtype and device of the input.
+    """
+    _validate(tokens, keys, cls_attn)
+    if knn < 0:
+        raise ValueError(f"knn must be >= 0; got {knn}")
+    if merge not in ("sum", "mean", "none"):
+        raise ValueError(f"unknown merge mode {merge!r}; expected 'sum', 'mean' or 'none'")
+    if order not in ("raster", "attention"):
+        raise ValueError(f"unknown order {order!r}; expected 'raster' or 'attention'")
+    if uniform_factor < 0:
+        raise ValueError(f"uniform_factor must be >= 0; got {uniform_factor}")
+    batch, num, width = tokens.shape
+    device = tokens.device
+    attn = cls_attn.float()
+    feats = tokens.float()
+
+    # 1-2. How many patches each row selects by attention and by spatial sampling.
+    if keep is None:
+        n_attn = iqr_keep_count(attn, whisker=whisker, min_keep=min_keep)
+        n_uniform = (
+            torch.minimum(num - n_attn, (n_attn.float() * uniform_factor).round().long())
+            if plus
+            else torch.zeros_like(n_attn)
+        )
+        with_supplement = torch.full((batch,), supplement, dtype=torch.bool, device=device)
+    else:
+        budget = budget_count(keep, num)
+        use_supplement = supplement and 2 <= budget < num
+        n_select = budget - 1 if use_supplement else budget
+        n_attn_int = max(1, math.ceil(n_select / (1.0 + uniform_factor))) if plus else n_select
+        n_attn = torch.full((batch,), n_attn_int, dtype=torch.long, device=device)
+        n_uniform = torch.full((batch,), n_select - n_attn_int, dtype=torch.long, device=device)
+        with_supplement = torch.full((batch,), use_supplement, dtype=torch.bool, device=device)
+
+    attn_rank = rank_descending(attn)  # (B, N)
+    attention_selected = attn_rank < n_attn[:, None]
+    selected = attention_selected
+    if plus:
+        rows, cols = infer_grid(num, grid)
+        # Cells already chosen by attention move behind all others, so the first n_uniform
+        # cells of this order are the spatial samples, de-duplicated against them.
+        uniform_key = spatial_rank(rows, cols, device)[None, :] + num * attention_selected
+        uniform_rank = inverse_permutation(torch.argsort(uniform_key, dim=1, stable=True))
+        selected = selected | (uniform_rank < n_uniform[:, None])
+    n_keep = selected.sum(dim=1)  # (B,)
+    with_supplement = with_supplement & (n_keep < num)
+
+    # Output order: selected patches first (raster or attention order), then the rest.
+    positions = torch.arange(num, device=device).expand(batch, num)
+    within = positions if order == "raster" else attn_rank
+    sort_key = torch.where(selected, within, within + num)
+    by_slot = torch.argsort(sort_key, dim=1, stable=True)  # (B, N) patch index per slot
+    max_keep = int(n_keep.max())
+    kept_index = by_slot[:, :max_keep]  # (B, K)
+    valid = torch.arange(max_keep, device=device)[None, :] < n_keep[:, None]  # (B, K)
+    kept = feats.gather(1, kept_index[..., None].expand(-1, -1, width))  # (B, K, C)
+
+    # 3. Token supplement: key similarity of every kept token to every patch.
+    unit_keys = F.normalize(keys.float(), dim=-1)  # (B, N, Ck)
+    similarity = unit_keys.gather(
+        1, kept_index[..., None].expand(-1, -1, unit_keys.shape[-1])
+    ) @ unit_keys.transpose(1, 2)  # (B, K, N)
+    neighbours = min(knn, num - 1)
+    if merge != "none" and neighbours > 0:
+        others = similarity.scatter(2, kept_index[..., None], float("-inf"))  # exclude self
+        nearest = torch.sort(others, dim=2, descending=True, stable=True).indices
+        nearest = nearest[:, :, :neighbours]  # (B, K, k)
+        weight = attn[:, None, :].expand(-1, max_keep, -1).gather(2, nearest)  # (B, K, k)
+        mixing = torch.zeros_like(similarity).scatter_(2, nearest, weight)  # (B, K, N)
+        merged = mixing @ feats  # (B, K, C)
+        if merge == "sum":
+            merged = kept + merged
+        else:
+            self_weight = attn.gather(1, kept_index)[..., None]  # (B, K, 1)
+            total = self_weight + weight.sum(dim=2, keepdim=True)
+            merged = (self_weight * kept + merged) / total
+        reduced = (n_keep < num)[:, None, None]  # rows that keep everything stay unmerged
+        kept = torch.where(reduced, merged, kept)
+    kept = kept * valid[..., None]
+
+    # Which output slot stands for each patch: itself if kept, else the most key-similar
+    # kept token of its row (for pictures of the merge).
+    assign_score = similarity.masked_fill(~valid[..., None], float("-inf"))
+    assignment = assign_score.argmax(dim=1)  # (B, N)
+    own_slot = inverse_permutation(by_slot)
+    assignment = torch.where(selected, own_slot, assignment)
+    index = torch.where(valid, kept_index, torch.full_like(kept_index, -1))
+
+    # 4. Supplement token, placed right after each row's kept tokens.
+    lengths = n_keep + with_supplement.long()
+    if bool(with_supplement.any()):
+        pruned_weight = attn * (~selected)  # (B, N)
+        extra = torch.einsum("bn,bnc->bc", pruned_weight, feats)  # (B, C)
+        kept = torch.cat([kept, torch.zeros_like(kept[:, :1])], dim=1)
+        index = torch.cat([index, torch.full_like(index[:, :1], -1)], dim=1)
+        slot = n_keep.clamp(max=kept.shape[1] - 1)
+        place = F.one_hot(slot, kept.shape[1]).bool() & with_supplement[:, None]  # (B, K+1)
+        kept = torch.where(place[..., None], extra[:, None, :], kept)
+
+    return Reduction(
+        tokens=kept.to(tokens.dtype),
+        lengths=lengths,
+        index=index,
+        assignment=assignment,
+        attention_selected=attention_selected,
+    )

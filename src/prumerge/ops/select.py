@@ -1,0 +1,122 @@
+"""Choosing how many tokens to keep, and which: IQR outliers, budgets, spatial samples."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+
+def iqr_keep_count(
+    scores: torch.Tensor, *, whisker: float = 1.5, min_keep: int = 1
+) -> torch.Tensor:
+    """Number of scores above the upper Tukey fence Q3 + whisker * IQR, per row.
+
+    Unlike the released PruMerge code, which takes the quartiles over the whole flattened
+    batch, the fence is computed for each row on its own, so an image's budget never depends
+    on the other images in its batch.
+
+    Args:
+        scores: (B, N) scores, e.g. [CLS] attention over the patches.
+        whisker: fence multiplier (Tukey's 1.5 by default).
+        min_keep: lower bound of every count (flat attention has no outliers at all).
+
+    Returns:
+        (B,) int64 counts in [min(min_keep, N), N].
+    """
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"scores must be (B, N) with N >= 1; got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf values")
+    if min_keep < 0:
+        raise ValueError(f"min_keep must be >= 0; got {min_keep}")
+    scores = scores.float()
+    # Linear interpolation between order statistics, as numpy.percentile does by default.
+    quartiles = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device), dim=1)
+    q1, q3 = quartiles[0], quartiles[1]
+    fence = q3 + whisker * (q3 - q1)  # (B,)
+    count = (scores > fence[:, None]).sum(dim=1)
+    return count.clamp(min=min(min_keep, scores.shape[1]))
+
+
+def budget_count(keep: int | float, num_tokens: int) -> int:
+    """A fixed budget as a token count: an int is a count, a float in (0, 1] a ratio of N.
+
+    Counts above N are clamped to N; a ratio is rounded to the nearest count, at least 1.
+    """
+    if isinstance(keep, bool):
+        raise ValueError("keep must be None, an int count or a float ratio; got a bool")
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 when given as a count; got {keep}")
+        return min(keep, num_tokens)
+    if isinstance(keep, float):
+        if not (0.0 < keep <= 1.0) or math.isnan(keep):
+            raise ValueError(f"keep as a ratio must be in (0, 1]; got {keep}")
+        return max(1, min(num_tokens, round(keep * num_tokens)))
+    raise ValueError(f"keep must be None, an int count or a float ratio; got {type(keep).__name__}")
+
+
+def infer_grid(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (rows, cols) patch grid: given, or inferred when N is a perfect square."""
+    if grid is not None:
+        rows, cols = grid
+        if rows * cols != num_tokens:
+            raise ValueError(f"grid {rows}x{cols} does not match {num_tokens} tokens")
+        return rows, cols
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} tokens are not a square grid; pass grid=(rows, cols)")
+    return side, side
+
+
+@lru_cache(maxsize=32)
+def _spatial_rank_cpu(rows: int, cols: int) -> torch.Tensor:
+    # Farthest-point ordering of the grid cells: each next cell is the one farthest (in
+    # Euclidean distance) from all cells chosen so far, ties going to the lower raster index.
+    # Any prefix of this order is a near-uniform spatial sample, whatever its length, which
+    # is what lets PruMerge+ pick a different number of uniform samples for every image.
+    # It runs once per grid shape and is cached.
+    ys, xs = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64),
+        torch.arange(cols, dtype=torch.float64),
+        indexing="ij",
+    )
+    points = torch.stack([ys.flatten(), xs.flatten()], dim=1)  # (N, 2)
+    n = points.shape[0]
+    centre = torch.tensor([(rows - 1) / 2, (cols - 1) / 2], dtype=torch.float64)
+    first = int(torch.argmin(((points - centre) ** 2).sum(1)))
+    order = [first]
+    nearest = ((points - points[first]) ** 2).sum(1)
+    for _ in range(n - 1):
+        nxt = int(torch.argmax(nearest))  # argmax returns the first maximum: lower index wins
+        order.append(nxt)
+        nearest = torch.minimum(nearest, ((points - points[nxt]) ** 2).sum(1))
+    rank = torch.empty(n, dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(n)
+    return rank
+
+
+def spatial_rank(rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N,) rank of every grid cell in a coarse-to-fine, spatially uniform order.
+
+    The cells of rank < M form a near-uniform sample of M cells for every M.
+    """
+    return _spatial_rank_cpu(rows, cols).to(device)
+
+
+def rank_descending(scores: torch.Tensor) -> torch.Tensor:
+    """(B, N) rank of each score in its row, highest first; ties go to the lower index.
+
+    A stable sort makes the selection deterministic when scores tie (flat attention).
+    """
+    return inverse_permutation(torch.sort(scores, dim=1, descending=True, stable=True).indices)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """(B, N) inverse of a batch of permutations: the position of every element in ``perm``."""
+    inverse = torch.empty_like(perm)
+    positions = torch.arange(perm.shape[1], device=perm.device)
+    inverse.scatter_(1, perm, positions.expand_as(perm))
+    return inverse
