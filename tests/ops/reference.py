@@ -101,3 +101,34 @@ def prumerge_row(
         out.append(sum(a[j] * feats[j] for j in range(n) if j not in chosen))
         index.append(-1)
     return torch.stack(out), index
+
+
+def prumerge_loop(
+    x: torch.Tensor, keys: torch.Tensor, attn: torch.Tensor, *, knn: int = 32
+) -> list[torch.Tensor]:
+    """Adaptive PruMerge with the released code's loop structure: rows x kept tokens.
+
+    Tensor ops inside, Python loops outside, as the released code runs it (but with the
+    per-row IQR fence and raster order of the batched op). Used by the speed benchmark.
+    """
+    outputs = []
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    for b in range(x.shape[0]):
+        row = attn[b].float()
+        q1, q3 = torch.quantile(row, torch.tensor([0.25, 0.75]))
+        count = max(1, int((row > q3 + 1.5 * (q3 - q1)).sum()))
+        order = torch.sort(row, descending=True, stable=True).indices
+        chosen = torch.sort(order[:count]).values
+        tokens = []
+        for i in chosen.tolist():
+            sims = unit[b] @ unit[b, i]
+            sims[i] = float("-inf")
+            nearest = torch.sort(sims, descending=True, stable=True).indices[
+                : min(knn, len(row) - 1)
+            ]
+            tokens.append(x[b, i].float() + (row[nearest, None] * x[b, nearest].float()).sum(0))
+        pruned = torch.ones_like(row, dtype=torch.bool)
+        pruned[chosen] = False
+        tokens.append((row[pruned, None] * x[b, pruned].float()).sum(0))
+        outputs.append(torch.stack(tokens))
+    return outputs

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from prumerge.ops.attention import check_finite
 from prumerge.ops.reduction import Reduction
 from prumerge.ops.select import (
     budget_count,
@@ -33,8 +34,7 @@ def _validate(tokens: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor) 
     if num == 0:
         raise ValueError("there are no tokens to reduce (N = 0)")
     for name, tensor in (("tokens", tokens), ("keys", keys), ("cls_attn", cls_attn)):
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{name} contains NaN or inf values")
+        check_finite(name, tensor)
 
 
 def prumerge(

@@ -7,6 +7,8 @@ from functools import lru_cache
 
 import torch
 
+from prumerge.ops.attention import check_finite
+
 
 def iqr_keep_count(
     scores: torch.Tensor, *, whisker: float = 1.5, min_keep: int = 1
@@ -27,8 +29,7 @@ def iqr_keep_count(
     """
     if scores.ndim != 2 or scores.shape[1] == 0:
         raise ValueError(f"scores must be (B, N) with N >= 1; got {tuple(scores.shape)}")
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or inf values")
+    check_finite("scores", scores)
     if min_keep < 0:
         raise ValueError(f"min_keep must be >= 0; got {min_keep}")
     scores = scores.float()
