@@ -1,0 +1,1 @@
+"""Adapters: the only code that knows model classes and layer indices."""

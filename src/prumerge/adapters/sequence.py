@@ -1,0 +1,107 @@
+"""Shrinking the runs of image placeholder tokens to the reduced per-image token counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prumerge.errors import PrumergeError
+
+
+@dataclass
+class Packed:
+    """Placeholder-shrunk, re-padded text inputs.
+
+    Attributes:
+        input_ids: (B, L') ids with each image's run of N placeholders cut to its length.
+        attention_mask: (B, L') 1 for real tokens, 0 for padding.
+        labels: (B, L') labels moved along with the ids (-100 on padding), or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def images_per_row(
+    input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int
+) -> torch.Tensor:
+    """(B,) number of images each row's placeholders stand for; raises if they do not divide."""
+    placeholders = (input_ids == image_token_id).sum(dim=1)
+    if bool((placeholders % tokens_per_image).any()):
+        raise PrumergeError(
+            f"the prompt has {placeholders.tolist()} image placeholder tokens per row, which is "
+            f"not a multiple of the {tokens_per_image} tokens per image the vision tower "
+            f"produces; build the inputs with the model's processor"
+        )
+    return placeholders // tokens_per_image
+
+
+def shrink_placeholders(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    *,
+    image_token_id: int,
+    tokens_per_image: int,
+    lengths: torch.Tensor,
+    pad_token_id: int,
+    left_pad: bool,
+) -> Packed:
+    """Cut each image's run of N placeholders to ``lengths[i]`` and re-pad the batch.
+
+    The k-th placeholder of a row belongs to that row's image k // N (images are numbered in
+    order across rows, as the processor and ``pixel_values`` order them). Padding of the input
+    is dropped and the rows are padded again, on the left for generation.
+
+    Args:
+        input_ids: (B, L) token ids.
+        attention_mask: (B, L) or None.
+        labels: (B, L) or None.
+        image_token_id: the placeholder id.
+        tokens_per_image: N, the placeholders per image the processor inserted.
+        lengths: (I,) reduced token count of every image in the batch.
+        pad_token_id: id written into new padding.
+        left_pad: pad on the left (generation) or on the right.
+
+    Returns:
+        The shrunk ``Packed`` inputs.
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    is_image = input_ids == image_token_id
+    per_row = images_per_row(input_ids, image_token_id, tokens_per_image)
+    if int(per_row.sum()) != lengths.shape[0]:
+        raise PrumergeError(
+            f"the prompts hold placeholders for {int(per_row.sum())} image(s) but "
+            f"{lengths.shape[0]} image(s) were given"
+        )
+    ordinal = is_image.long().cumsum(dim=1) - 1  # k: placeholder number within the row
+    first_image = per_row.cumsum(0) - per_row  # (B,) global number of each row's first image
+    image = (first_image[:, None] + ordinal.clamp(min=0) // tokens_per_image).clamp(
+        max=max(lengths.shape[0] - 1, 0)
+    )
+    within = ordinal.clamp(min=0) % tokens_per_image
+    keep = ~is_image | (within < lengths.to(device)[image])
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+
+    new_length = keep.sum(dim=1)  # (B,)
+    width = int(new_length.max())
+    positions = torch.arange(length, device=device).expand(batch, length)
+    # Kept positions first, in their original order.
+    order = torch.argsort(torch.where(keep, positions, positions + length), dim=1, stable=True)
+    slots = torch.arange(width, device=device).expand(batch, width)
+    offset = (width - new_length)[:, None] if left_pad else torch.zeros_like(new_length)[:, None]
+    valid = (slots >= offset) & (slots < offset + new_length[:, None])
+    source = order.gather(1, (slots - offset).clamp(0, length - 1))
+
+    def take(tensor: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.where(valid, tensor.gather(1, source), torch.full_like(source, fill))
+
+    return Packed(
+        input_ids=take(input_ids, pad_token_id),
+        attention_mask=valid.long(),
+        labels=None if labels is None else take(labels, -100),
+    )
