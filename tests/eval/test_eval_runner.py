@@ -310,3 +310,14 @@ def test_config_names_must_be_safe_and_unique(tmp_path: Path) -> None:
         EvalConfig("none", name="../escape")
     with pytest.raises(PrumergeError, match="unique"):
         evaluate(make_benchmark(), [(EvalConfig("none"), FakePredictor())] * 2, tmp_path)
+
+
+def test_moved_data_directory_still_resumes(tmp_path: Path) -> None:
+    bench = make_benchmark()
+    config = EvalConfig("none")
+    with pytest.raises(KeyboardInterrupt):
+        run_config(bench, config, FakePredictor(fail_after=6), tmp_path, progress=False)
+    moved = Benchmark(bench.name, bench.metric, bench.samples, {**bench.options, "root": "/new"})
+    predictor = FakePredictor()
+    run_config(moved, config, predictor, tmp_path, progress=False)
+    assert len(predictor.seen) == N_SAMPLES - 6

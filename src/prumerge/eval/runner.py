@@ -134,7 +134,11 @@ def _identity(benchmark: Benchmark, config: EvalConfig) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "benchmark": benchmark.name,
-        "benchmark_options": json.loads(_canonical(benchmark.options)),
+        # The data directory is left out: the same data moved elsewhere may resume. The hash
+        # of the sample ids still ties the results to the data.
+        "benchmark_options": json.loads(
+            _canonical({k: v for k, v in benchmark.options.items() if k != "root"})
+        ),
         "metric": benchmark.metric,
         "n_samples": len(benchmark.samples),
         "sample_ids_sha256": ids,
@@ -156,7 +160,11 @@ def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 
 
 def _prepare_directory(
-    directory: Path, identity: dict[str, Any], config: EvalConfig, overwrite: bool
+    directory: Path,
+    identity: dict[str, Any],
+    config: EvalConfig,
+    overwrite: bool,
+    data_root: str | None,
 ) -> None:
     """Create or check ``directory``; run on one process only."""
     config_path = directory / CONFIG
@@ -183,6 +191,7 @@ def _prepare_directory(
         "name": config.name,
         "fingerprint": _fingerprint(identity),
         "identity": identity,
+        "data_root": data_root,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = config_path.with_suffix(".json.tmp")
@@ -352,6 +361,8 @@ def run_config(
 
     With ``torch.distributed`` initialised, every rank must call this with the same
     arguments; each predicts its share and rank 0 merges. All ranks return after the merge.
+    If the predictor raises on one rank, the others wait at the barrier until the launcher
+    tears the group down; what every rank had written is kept for the next run.
 
     Args:
         benchmark: The loaded benchmark.
@@ -378,7 +389,9 @@ def run_config(
     error = None
     if rank == 0:
         try:
-            _prepare_directory(directory, identity, config, overwrite)
+            _prepare_directory(
+                directory, identity, config, overwrite, benchmark.options.get("root")
+            )
         except PrumergeError as exc:
             error = str(exc)
     error = _broadcast_error(dist, error)
