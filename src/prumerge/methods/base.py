@@ -49,10 +49,19 @@ class VisionMethod:
 
     def options(self) -> dict[str, Any]:
         """The options this instance was built with (for result files)."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {
-            name: getattr(self, name) for name in params if name != "self" and hasattr(self, name)
-        }
+        return {name: getattr(self, name) for name in option_defaults(type(self))}
+
+
+def option_defaults(cls: type[VisionMethod]) -> dict[str, Any]:
+    """The options a method's constructor takes, with their defaults (None if required)."""
+    if cls.__init__ is object.__init__:
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        p.name: None if p.default is inspect.Parameter.empty else p.default
+        for p in params.values()
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 METHODS: dict[str, type[VisionMethod]] = {}
@@ -81,8 +90,7 @@ def build_method(name: str, **options: Any) -> VisionMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
     cls = METHODS[name]
-    params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p != "self"]
+    accepted = list(option_defaults(cls))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(

@@ -1,0 +1,63 @@
+"""Reading user images robustly: any mode, any size, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from prumerge.errors import PrumergeError
+
+# Images are shrunk to the model's input size anyway; decoding a huge one at full size
+# would only waste memory. JPEG decoders can reduce while decoding (draft mode); others are
+# decoded and then shrunk at once.
+_WORKING_SIZE = 1024
+# Refuse only absurd sizes (PIL's own limit of ~89 Mpx would refuse a 20000x20000 photo).
+_MAX_PIXELS = 1_000_000_000
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, at most ``_WORKING_SIZE`` on its longer side.
+
+    Grayscale, palette, RGBA (composited on white) and 16-bit images are converted; a
+    missing, unreadable or truncated file raises ``PrumergeError`` naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PrumergeError(f"image file not found: {path}")
+    if not path.is_file():
+        raise PrumergeError(f"not a file: {path}")
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > _MAX_PIXELS:
+                raise PrumergeError(
+                    f"{path}: {image.width}x{image.height} is too large (over {_MAX_PIXELS:,} pixels)"
+                )
+            image.draft("RGB", (_WORKING_SIZE, _WORKING_SIZE))
+            image.load()
+            image = _to_rgb(image)
+            image.thumbnail((_WORKING_SIZE, _WORKING_SIZE), Image.Resampling.BICUBIC)
+            return image
+    except UnidentifiedImageError:
+        raise PrumergeError(f"{path} is not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise PrumergeError(f"cannot read image {path}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: stretch their actual range to 8 bits.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
