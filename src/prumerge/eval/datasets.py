@@ -470,7 +470,7 @@ def _load_vqav2(
     images = _image_dir(root, image_dir, name, check_images)
     check = _ImageChecker(name, check_images)
 
-    def rows() -> Iterator[tuple[str, str, str, str | None]]:
+    def rows() -> Iterator[tuple[str, str, str, str, str | None]]:
         """Yield (where, question id, image file, prompt, category) per question."""
         if questions_path.suffix == ".jsonl":
             for number, item in read_jsonl(questions_path, name):

@@ -29,6 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from prumerge.errors import PrumergeError
+
 __all__ = [
     "METRICS",
     "MME_COGNITION",
@@ -494,8 +496,6 @@ def get_metric(name: str) -> MetricFn:
     Raises:
         PrumergeError: If no metric has that name.
     """
-    from prumerge.errors import PrumergeError
-
     try:
         return METRICS[name]
     except KeyError:

@@ -672,7 +672,7 @@ def plot_summary(summary: Summary, path: str | Path) -> Path:
     for method, results in sorted(by_method.items()):
         results = sorted(results, key=lambda r: r.tokens_out)
         xs = [r.tokens_out for r in results]
-        ys = [r.score for r in results]
+        ys = [float(r.score or 0.0) for r in results]  # None was filtered out above
         if method == "none":
             axes.axhline(ys[0], color="0.4", linestyle="--", linewidth=1, label="none (full)")
             axes.plot(xs, ys, "k*", markersize=10)

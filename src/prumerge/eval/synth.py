@@ -277,7 +277,9 @@ def _shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[
 def _draw_object(image: Image.Image, obj: SceneObject) -> None:
     left, top, right, bottom = obj.box
     if obj.shape is None:
-        patch = _photo_patch(obj.name).resize((right - left, bottom - top), Image.BILINEAR)
+        patch = _photo_patch(obj.name).resize(
+            (right - left, bottom - top), Image.Resampling.BILINEAR
+        )
         image.paste(patch, (left, top))
         return
     draw = ImageDraw.Draw(image)
@@ -327,8 +329,8 @@ def _place_objects(rng: np.random.Generator, config: SynthConfig) -> list[SceneO
     pair_index = rng.choice(len(popularity), size=n_shapes, replace=False, p=_pair_weights())
     kinds: list[tuple[str | None, str | None, str]] = []
     for i in pair_index:
-        color, shape = popularity[int(i)]
-        kinds.append((shape, color, f"{color} {shape}"))
+        pair_color, pair_shape = popularity[int(i)]
+        kinds.append((pair_shape, pair_color, f"{pair_color} {pair_shape}"))
     if with_photo:
         photo = sorted(PHOTOS)[int(rng.integers(len(PHOTOS)))]
         kinds.append((None, None, photo))
