@@ -237,7 +237,10 @@ def normalize_answer(text: str) -> str:
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """VQA accuracy of one prediction against its human answers (VQAv2, TextVQA).
 
-    Both sides are normalised with :func:`normalize_answer`. For each of the n answers, take
+    Both sides are normalised with :func:`normalize_answer`, as LLaVA's TextVQA evaluator and
+    lmms-eval do. (The official VQA script normalises the human answers only when they
+    disagree; they are stored normalised already, so the two agree in practice.) For each of
+    the n answers, take
     the other n-1 as a subset and score ``min(1, matches / 3)``; the accuracy is the mean
     over the n subsets. With the usual 10 answers, 1 match scores 0.3, 2 score 0.6 and 3 or
     more score 1.0 (4 matches: 0.6 * 4/10 + 1.0 * 6/10 = 1.0, because each subset still holds
