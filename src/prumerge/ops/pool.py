@@ -33,8 +33,9 @@ def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
         out_cols = min(cols, budget // out_rows)
         if out_cols < 1:
             break
-        distortion = abs(math.log((out_rows / out_cols) / (rows / cols)))
-        within = distortion <= math.log(MAX_ASPECT_FACTOR) + 1e-12
+        # Rounded, so that a grid and its transpose tie exactly.
+        distortion = round(abs(math.log((out_rows * cols) / (out_cols * rows))), 9)
+        within = distortion <= round(math.log(MAX_ASPECT_FACTOR), 9)
         rank = (within, out_rows * out_cols, -distortion, -out_rows)
         if best is None or rank > best[0]:
             best = (rank, (out_rows, out_cols))
@@ -42,17 +43,14 @@ def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
     return best[1]
 
 
-def _cell_of(size: int, out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Along one axis: the pooling cell of every input position, and every cell's width.
+def _cell_of(size: int, out: int, device: torch.device) -> torch.Tensor:
+    """(size,) the pooling cell of every input position along one axis.
 
-    Adaptive pooling's cell i spans [floor(i*size/out), ceil((i+1)*size/out)); cells overlap
-    when out does not divide size, and position p is assigned to the cell floor(p*out/size),
+    Adaptive pooling's cell i spans [floor(i*size/out), ceil((i+1)*size/out)); the cells
+    overlap when out does not divide size. Position p goes to the cell floor(p*out/size),
     which always contains it.
     """
-    cells = torch.arange(out, device=device)
-    start = (cells * size) // out
-    end = -((-(cells + 1) * size) // out)  # ceil division
-    return (torch.arange(size, device=device) * out) // size, end - start
+    return (torch.arange(size, device=device) * out) // size
 
 
 def spatial_pool(
@@ -64,8 +62,8 @@ def spatial_pool(
     576. A budget that is no perfect pooling factor uses adaptive average pooling (PyTorch's
     windows, which overlap when the sizes do not divide) to the closest grid with at most
     ``keep`` cells, so a row may get fewer tokens than ``keep`` (30 for 32 of 24x24). Output
-    tokens come in raster order of the cells; a cell that covers a single patch keeps that
-    patch's index, any other has index -1.
+    tokens come in raster order of the cells, all with index -1 (each averages two or more
+    patches); ``assignment`` maps every patch to a cell that contains it.
 
     Args:
         tokens: (B, N, C) patch features in raster order.
@@ -88,20 +86,15 @@ def spatial_pool(
     pooled = F.adaptive_avg_pool2d(image, (out_rows, out_cols))  # (B, C, r, c)
     pooled = pooled.flatten(2).transpose(1, 2)  # (B, r*c, C)
 
-    row_cell, row_span = _cell_of(rows, out_rows, device)
-    col_cell, col_span = _cell_of(cols, out_cols, device)
+    row_cell = _cell_of(rows, out_rows, device)
+    col_cell = _cell_of(cols, out_cols, device)
     assignment = (row_cell[:, None] * out_cols + col_cell[None, :]).flatten()  # (N,)
-    single = (row_span[:, None] == 1) & (col_span[None, :] == 1)  # (r, c)
-    # The top-left patch of each cell; used only where the cell is that one patch.
-    row_start = (torch.arange(out_rows, device=device) * rows) // out_rows
-    col_start = (torch.arange(out_cols, device=device) * cols) // out_cols
-    corner = row_start[:, None] * cols + col_start[None, :]
-    index = torch.where(single, corner, torch.full_like(corner, -1)).flatten()  # (K,)
     count = out_rows * out_cols
     return Reduction(
-        tokens=pooled.to(tokens.dtype).contiguous(),
+        tokens=pooled.to(tokens.dtype).clone(memory_format=torch.contiguous_format),
         lengths=torch.full((batch,), count, dtype=torch.long, device=device),
-        index=index.expand(batch, count).clone(),
+        # Below N tokens every cell spans two or more patches: none stands for a single one.
+        index=torch.full((batch, count), -1, dtype=torch.long, device=device),
         assignment=assignment.expand(batch, num).clone(),
         attention_selected=torch.zeros(batch, num, dtype=torch.bool, device=device),
     )
