@@ -38,6 +38,9 @@ def load_image(path: str | Path) -> Image.Image:
                 )
             image.draft("RGB", (_WORKING_SIZE, _WORKING_SIZE))
             image.load()
+            factor = max(image.width, image.height) // _WORKING_SIZE
+            if factor > 1:  # shrink in the native mode first: converting is per pixel
+                image = image.reduce(factor)
             image = _to_rgb(image)
             image.thumbnail((_WORKING_SIZE, _WORKING_SIZE), Image.Resampling.BICUBIC)
             return image

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from prumerge.ops import Reduction
+from prumerge.ops.select import validate_keep
 
 
 @dataclass
@@ -97,4 +98,5 @@ def build_method(name: str, **options: Any) -> VisionMethod:
             f"method {name!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'no options'}"
         )
+    validate_keep(options.get("keep"))
     return cls(**options)

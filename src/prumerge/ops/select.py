@@ -41,22 +41,31 @@ def iqr_keep_count(
     return count.clamp(min=min(min_keep, scores.shape[1]))
 
 
+def validate_keep(keep: int | float | None) -> None:
+    """Raise ValueError unless ``keep`` is None, an int >= 1 or a float ratio in (0, 1]."""
+    if keep is None:
+        return
+    if isinstance(keep, bool) or not isinstance(keep, int | float):
+        raise ValueError(
+            f"keep must be None, an int count or a float ratio; got {type(keep).__name__}"
+        )
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep must be >= 1 when given as a count; got {keep}")
+    if isinstance(keep, float) and not (0.0 < keep <= 1.0):  # also rejects NaN
+        raise ValueError(f"keep as a ratio must be in (0, 1]; got {keep}")
+
+
 def budget_count(keep: int | float, num_tokens: int) -> int:
     """A fixed budget as a token count: an int is a count, a float in (0, 1] a ratio of N.
 
     Counts above N are clamped to N; a ratio is rounded to the nearest count, at least 1.
     """
-    if isinstance(keep, bool):
-        raise ValueError("keep must be None, an int count or a float ratio; got a bool")
+    if keep is None:
+        raise ValueError("keep must be a count or a ratio here, not None")
+    validate_keep(keep)
     if isinstance(keep, int):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1 when given as a count; got {keep}")
         return min(keep, num_tokens)
-    if isinstance(keep, float):
-        if not (0.0 < keep <= 1.0) or math.isnan(keep):
-            raise ValueError(f"keep as a ratio must be in (0, 1]; got {keep}")
-        return max(1, min(num_tokens, round(keep * num_tokens)))
-    raise ValueError(f"keep must be None, an int count or a float ratio; got {type(keep).__name__}")
+    return max(1, min(num_tokens, round(keep * num_tokens)))
 
 
 def infer_grid(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
