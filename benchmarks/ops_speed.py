@@ -16,13 +16,15 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prumerge.ops import cls_attention, prumerge  # noqa: E402
 from tests.ops.reference import prumerge_loop  # noqa: E402
+
+from prumerge.ops import cls_attention, prumerge  # noqa: E402
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -63,8 +65,8 @@ def main() -> None:
         fast = prumerge(tokens, keys, attn)
         slow = prumerge_loop(tokens, keys, attn)
         diff = max((a - b).abs().max().item() for a, b in zip(fast.unpad(), slow, strict=True))
-        t_fast, s_fast = timed(lambda: prumerge(tokens, keys, attn), args.repeats)
-        t_slow, s_slow = timed(lambda: prumerge_loop(tokens, keys, attn), args.repeats)
+        t_fast, s_fast = timed(partial(prumerge, tokens, keys, attn), args.repeats)
+        t_slow, s_slow = timed(partial(prumerge_loop, tokens, keys, attn), args.repeats)
         report[f"B={batch}"] = {
             "batched_ms": t_fast * 1e3,
             "batched_spread_ms": s_fast * 1e3,
