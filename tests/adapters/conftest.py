@@ -13,7 +13,9 @@ IMAGE_SIZE = 42  # 6x6 patches of 7 px
 PATCHES = 36
 
 
-def tiny_llava(tower: str = "clip", attn: str = "sdpa", seed: int = 0, **overrides):
+def tiny_llava(
+    tower: str = "clip", attn: str = "sdpa", seed: int = 0, text_layers: int = 2, **overrides
+):
     common = dict(
         hidden_size=32,
         intermediate_size=64,
@@ -26,7 +28,7 @@ def tiny_llava(tower: str = "clip", attn: str = "sdpa", seed: int = 0, **overrid
     text = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=100,

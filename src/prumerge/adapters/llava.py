@@ -55,6 +55,8 @@ class TokenStats:
     tokens_in: list[int] = field(default_factory=list)
     tokens_out: list[int] = field(default_factory=list)
     vision_seconds: float = 0.0
+    #: LLM layers that saw all ``tokens_in`` before pruning (FastV's K; 0 for vision-side methods).
+    llm_full_layers: int = 0
 
     @property
     def mean_in(self) -> float:
@@ -176,6 +178,11 @@ class Handle:
         self.layout = _tower_layout(model, method.needs_attention)
         self.stats = TokenStats()
         self.last_reduction: Reduction | None = None
+        self.fastv = None
+        if getattr(method, "inside_llm", False):
+            from prumerge.adapters.fastv import FastVPatch
+
+            self.fastv = FastVPatch(model.model.language_model, method.layer)  # type: ignore[attr-defined]
         self._original_forward = model.forward
         self._original_generate = model.generate
         # Plain functions that look like the originals to inspect.signature, which
@@ -197,6 +204,8 @@ class Handle:
         del model.forward
         del model.generate
         del model._prumerge_handle
+        if self.fastv is not None:
+            self.fastv.remove()
 
     def __enter__(self) -> Handle:
         return self
@@ -279,6 +288,16 @@ class Handle:
             pad_token_id=pad_id,
             left_pad=left_pad,
         )
+        if self.fastv is not None:
+            kept = self.fastv.arm(
+                packed.input_ids,
+                packed.attention_mask,
+                image_token_id,
+                num_patches,
+                self.method.keep,  # type: ignore[attr-defined]
+            )
+            self.stats.tokens_out = [kept] * len(features)
+            self.stats.llm_full_layers = self.fastv.layer
         embed = self.model.get_input_embeddings()
         inputs_embeds = embed(packed.input_ids)
         image_positions = packed.input_ids == image_token_id
@@ -292,6 +311,10 @@ class Handle:
             "inputs_embeds": inputs_embeds,
         }
 
+    def _disarm(self) -> None:
+        if self.fastv is not None:
+            self.fastv.disarm()
+
     # -- patched entry points ----------------------------------------------------------
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -301,6 +324,8 @@ class Handle:
         input_ids = kwargs.get("input_ids")
         if pixel_values is None or input_ids is None:
             return self._original_forward(*args, **kwargs)
+        if self.fastv is not None and kwargs.get("labels") is not None:
+            raise PrumergeError("fastv does not support labels: it drops tokens mid-model")
         attention_mask = kwargs.get("attention_mask")
         left_pad = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
         prepared = self._prepare(
@@ -313,7 +338,10 @@ class Handle:
         kwargs["inputs_embeds"] = prepared["inputs_embeds"]
         if kwargs.get("labels") is not None:
             kwargs["labels"] = prepared["labels"]
-        return self._original_forward(*args, **kwargs)
+        try:
+            return self._original_forward(*args, **kwargs)
+        finally:
+            self._disarm()
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -330,7 +358,10 @@ class Handle:
         kwargs["input_ids"] = prepared["input_ids"]
         kwargs["attention_mask"] = prepared["attention_mask"]
         kwargs["inputs_embeds"] = prepared["inputs_embeds"]
-        output = self._original_generate(*args, **kwargs)
+        try:
+            output = self._original_generate(*args, **kwargs)
+        finally:
+            self._disarm()
         # Give back the caller's own prompt followed by the new tokens, so that
         # out[:, inputs.input_ids.shape[1]:] is the answer exactly as without reduction.
         prompt_length = prepared["input_ids"].shape[1]  # type: ignore[union-attr]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from prumerge.methods.base import VisionInputs, VisionMethod, register_method
@@ -99,3 +101,28 @@ class PruMergePlus(PruMerge):
     """LLaVA-PruMerge+ (same paper): PruMerge plus spatially uniform samples of the grid."""
 
     plus = True
+
+
+@register_method("fastv")
+class FastV(VisionMethod):
+    """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024).
+
+    Prunes image tokens inside the LLM: layers 0..K-1 see all N tokens of every image, and
+    from layer K on each image keeps the ``keep`` tokens that received the most attention
+    from the prompt's last token in layer K-1. The vision side is unchanged.
+    """
+
+    #: The adapter prunes inside the language model instead of before the projector.
+    inside_llm: ClassVar[bool] = True
+
+    def __init__(self, keep: int | float = 0.5, layer: int = 2) -> None:
+        self.keep = keep
+        self.layer = layer
+
+    def reduce(self, inputs: VisionInputs) -> Reduction:
+        return identity_reduction(inputs.features)
+
+    def describe_budget(self) -> str:
+        return (
+            f"image tokens kept per image from LLM layer {self.layer} on (earlier layers see all N)"
+        )
