@@ -25,6 +25,7 @@ from prumerge.methods.base import (
     VisionMethod,
     build_method,
     method_names,
+    option_defaults,
     register_method,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "VisionMethod",
     "build_method",
     "method_names",
+    "option_defaults",
     "register_method",
 ]

@@ -8,7 +8,13 @@ from prumerge.ops.pool import pooled_grid, spatial_pool
 from prumerge.ops.prumerge import prumerge
 from prumerge.ops.reduction import Reduction
 from prumerge.ops.sampling import random_sample
-from prumerge.ops.select import budget_count, infer_grid, iqr_keep_count, spatial_rank
+from prumerge.ops.select import (
+    budget_count,
+    infer_grid,
+    iqr_keep_count,
+    spatial_rank,
+    validate_keep,
+)
 from prumerge.ops.tome import tome
 from prumerge.ops.visionzip import visionzip
 
@@ -28,5 +34,6 @@ __all__ = [
     "spatial_pool",
     "spatial_rank",
     "tome",
+    "validate_keep",
     "visionzip",
 ]
