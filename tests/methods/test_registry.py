@@ -40,7 +40,8 @@ def make_inputs(batch=3, side=8, width=16, key_width=8, seed=0, peak=4.0, dtype=
 
 
 def expected_length(name: str, keep, num: int, side: int) -> int:
-    if not takes(name, "keep"):
+    # Methods that prune inside the LLM (FastV) hand all N tokens on from the vision side.
+    if not takes(name, "keep") or getattr(METHODS[name], "inside_llm", False):
         return num
     budget = budget_count(keep, num)
     if name == "pool" and budget < num:
