@@ -151,10 +151,13 @@ def prumerge(
     kept = feats.gather(1, kept_index[..., None].expand(-1, -1, width))  # (B, K, C)
 
     # 3. Token supplement: key similarity of every kept token to every patch.
-    unit_keys = F.normalize(keys.float(), dim=-1)  # (B, N, Ck)
-    similarity = unit_keys.gather(
-        1, kept_index[..., None].expand(-1, -1, unit_keys.shape[-1])
-    ) @ unit_keys.transpose(1, 2)  # (B, K, N)
+    keys_f = keys.float()
+    norms = keys_f.norm(dim=-1).clamp_min(1e-12)  # (B, N)
+    # Cosine similarity, normalising the (B, K, N) products rather than the (B, N, Ck) keys.
+    similarity = keys_f.gather(1, kept_index[..., None].expand(-1, -1, keys_f.shape[-1])) @ (
+        keys_f.transpose(1, 2)
+    )  # (B, K, N)
+    similarity = similarity / (norms.gather(1, kept_index)[..., None] * norms[:, None, :])
     neighbours = min(knn, num - 1)
     if merge != "none" and neighbours > 0:
         others = similarity.scatter(2, kept_index[..., None], float("-inf"))  # exclude self
@@ -185,7 +188,7 @@ def prumerge(
     lengths = n_keep + with_supplement.long()
     if bool(with_supplement.any()):
         pruned_weight = attn * (~selected)  # (B, N)
-        extra = torch.einsum("bn,bnc->bc", pruned_weight, feats)  # (B, C)
+        extra = (pruned_weight[:, None, :] @ feats).squeeze(1)  # (B, C)
         kept = torch.cat([kept, torch.zeros_like(kept[:, :1])], dim=1)
         index = torch.cat([index, torch.full_like(index[:, :1], -1)], dim=1)
         slot = n_keep.clamp(max=kept.shape[1] - 1)
