@@ -45,6 +45,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "Summary",
+    "check_directory",
     "evaluate",
     "read_predictions",
     "run_config",
@@ -159,6 +160,53 @@ def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "unreadable config"
 
 
+def _existing_identity(directory: Path) -> dict[str, Any] | None:
+    """The identity recorded in ``directory``: None when it holds no results at all, ``{}``
+    when it holds results without a readable config."""
+    config_path = directory / CONFIG
+    result_files = [directory / PREDICTIONS, *_shard_files(directory)]
+    if not config_path.exists() and not any(path.exists() for path in result_files):
+        return None
+    if config_path.exists():
+        try:
+            identity = json.loads(config_path.read_text(encoding="utf-8")).get("identity", {})
+        except (json.JSONDecodeError, AttributeError, OSError):
+            return {}
+        return identity if isinstance(identity, dict) else {}
+    return {}
+
+
+def _mismatch_message(directory: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    return (
+        f"{directory} holds results of a different configuration "
+        f"({_describe_difference(old, new)}); use another output directory or "
+        "overwrite=True (--overwrite) to replace them"
+    )
+
+
+def check_directory(benchmark: Benchmark, config: EvalConfig, out_dir: str | Path) -> bool:
+    """Check, without writing anything, that ``run_config`` may use ``out_dir/<config.name>``.
+
+    Lets a caller refuse a whole set of configurations before loading a model.
+
+    Returns:
+        True if the directory holds results of this very configuration (the run resumes),
+        False if it holds none.
+
+    Raises:
+        PrumergeError: It holds results of a different configuration (``overwrite=True``
+            would replace them).
+    """
+    directory = Path(out_dir) / config.name
+    old = _existing_identity(directory)
+    if old is None:
+        return False
+    identity = _identity(benchmark, config)
+    if old != identity:
+        raise PrumergeError(_mismatch_message(directory, old, identity))
+    return True
+
+
 def _prepare_directory(
     directory: Path,
     identity: dict[str, Any],
@@ -168,23 +216,13 @@ def _prepare_directory(
 ) -> None:
     """Create or check ``directory``; run on one process only."""
     config_path = directory / CONFIG
-    result_files = [directory / PREDICTIONS, *_shard_files(directory)]
-    if config_path.exists() or any(path.exists() for path in result_files):
-        old: dict[str, Any] = {}
-        if config_path.exists():
-            try:
-                old = json.loads(config_path.read_text(encoding="utf-8")).get("identity", {})
-            except (json.JSONDecodeError, AttributeError):
-                old = {}
+    old = _existing_identity(directory)
+    if old is not None:
         if old == identity:
             return
         if not overwrite:
-            raise PrumergeError(
-                f"{directory} holds results of a different configuration "
-                f"({_describe_difference(old, identity)}); use another output directory or "
-                "overwrite=True (--overwrite) to replace them"
-            )
-        for path in result_files:
+            raise PrumergeError(_mismatch_message(directory, old, identity))
+        for path in [directory / PREDICTIONS, *_shard_files(directory)]:
             path.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -595,7 +633,11 @@ def _result_for(directory: Path) -> ConfigResult | None:
 
 
 def summarize(
-    out_dir: str | Path, names: Sequence[str] | None = None, *, write: bool = True
+    out_dir: str | Path,
+    names: Sequence[str] | None = None,
+    *,
+    write: bool = True,
+    plot: bool = True,
 ) -> Summary:
     """Score every configuration in ``out_dir`` and write the summary files.
 
@@ -603,7 +645,9 @@ def summarize(
         out_dir: Results directory of one benchmark.
         names: Configurations to include, in this order; default: all, sorted by method, then
             by decreasing mean tokens.
-        write: Write ``summary.txt``, ``summary.json`` and ``accuracy_vs_tokens.png``.
+        write: Write ``summary.txt``, ``summary.json`` and (with ``plot``)
+            ``accuracy_vs_tokens.png``.
+        plot: Draw the plot when writing.
 
     Returns:
         The summary.
@@ -639,7 +683,8 @@ def summarize(
         (out / "summary.json").write_text(
             json.dumps(summary.to_dict(), indent=2, default=str) + "\n", encoding="utf-8"
         )
-        plot_summary(summary, out / "accuracy_vs_tokens.png")
+        if plot:
+            plot_summary(summary, out / "accuracy_vs_tokens.png")
     return summary
 
 
@@ -713,7 +758,8 @@ def evaluate(
         benchmark: The loaded benchmark.
         configs: ``(config, predictor)`` pairs. A predictor may be given as a zero-argument
             factory, called only when its configuration runs (so one model is loaded at a
-            time); it is released before the next one is built.
+            time); it is released (and its ``close()`` called, if it has one) before the next
+            one is built.
         out_dir: Results directory for this benchmark.
         batch_size: Samples per ``predict`` call.
         overwrite: Replace results of different configurations instead of refusing.
@@ -726,16 +772,24 @@ def evaluate(
     if len(set(names)) != len(names):
         raise PrumergeError(f"configuration names must be unique, got {names}")
     for config, predictor in configs:
-        built = predictor if isinstance(predictor, Predictor) else predictor()
-        run_config(
-            benchmark,
-            config,
-            built,
-            out_dir,
-            batch_size=batch_size,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        owned = not isinstance(predictor, Predictor)
+        built = predictor() if owned else predictor  # type: ignore[operator]
+        try:
+            run_config(
+                benchmark,
+                config,
+                built,
+                out_dir,
+                batch_size=batch_size,
+                overwrite=overwrite,
+                progress=progress,
+            )
+        finally:
+            # A predictor built here is ours to release: one that patched a model (such as
+            # ModelPredictor) must undo it before the next configuration patches it again.
+            close = getattr(built, "close", None)
+            if owned and callable(close):
+                close()
         del built
     dist, rank, _ = _distributed()
     if rank != 0:

@@ -1,0 +1,240 @@
+"""A :class:`~prumerge.eval.runner.Predictor` for a loaded LLaVA model and one reduction method.
+
+:class:`ModelPredictor` patches the model with :func:`prumerge.apply` when it is built and
+undoes the patch on :meth:`~ModelPredictor.close` (or at the end of a ``with`` block), so one
+predictor is one configuration. Samples are answered in batches through
+:func:`prumerge.runtime.generate_answers` (left-padded, greedy), and each answer carries the
+visual tokens its image produced and the number the language model received.
+
+The lmms-eval plugin (:mod:`prumerge.eval.lmms_plugin`) answers its requests through the same
+:meth:`ModelPredictor.generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prumerge.errors import PrumergeError
+from prumerge.eval.datasets import Sample
+from prumerge.eval.runner import Prediction
+
+__all__ = [
+    "MAX_NEW_TOKENS",
+    "Generation",
+    "ModelPredictor",
+    "chat_prompt",
+    "max_new_tokens_for",
+]
+
+#: Generation length cap per metric. Every benchmark here asks for a single word, phrase or
+#: option letter (LLaVA-1.5's answer instructions), and greedy decoding stops at the end of
+#: turn, so the cap only bounds a model that rambles. TextVQA answers are the longest
+#: (brand names, numbers with units).
+MAX_NEW_TOKENS: dict[str, int] = {
+    "exact_match": 8,
+    "pope": 8,
+    "mme": 8,
+    "sqa_letter": 8,
+    "vqa_accuracy": 16,
+}
+
+
+def max_new_tokens_for(metric: str) -> int:
+    """The generation cap for a benchmark's metric (16 for metrics not listed)."""
+    return MAX_NEW_TOKENS.get(metric, 16)
+
+
+def chat_prompt(processor: Any, question: str, num_images: int) -> str:
+    """A user turn with ``num_images`` images before the question, in the model's template.
+
+    Used where a request does not hold exactly one image (lmms-eval tasks may hold none or
+    several); a sample with one image uses the model's own prompt function instead.
+
+    Args:
+        processor: The model's processor; its chat template is used when it has one.
+        question: The text of the turn.
+        num_images: Images placed before the text.
+
+    Returns:
+        The prompt, ending where the assistant's answer begins. Without a chat template it is
+        LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` format.
+    """
+    if getattr(processor, "chat_template", None):
+        content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
+        content.append({"type": "text", "text": question})
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    token = getattr(processor, "image_token", "<image>")
+    images = "".join(f"{token}\n" for _ in range(num_images))
+    return f"USER: {images}{question} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer from :meth:`ModelPredictor.generate`.
+
+    Attributes:
+        text: The decoded answer, stripped.
+        tokens_in: Visual tokens the prompt's images produced (summed over its images).
+        tokens_out: Visual tokens the language model received for them.
+    """
+
+    text: str
+    tokens_in: int
+    tokens_out: int
+
+
+class ModelPredictor:
+    """Answers benchmark samples with a LLaVA model patched by one reduction method.
+
+    Building the predictor patches ``model`` (one :func:`prumerge.apply` handle); ``close()``
+    restores it, so build the next configuration's predictor only after closing this one. It
+    is a context manager.
+
+    Args:
+        model: A ``LlavaForConditionalGeneration`` (see :func:`prumerge.apply`).
+        processor: Its processor.
+        prompt_fn: Formats one question about one image with the model's template (the third
+            value :func:`prumerge.runtime.load_model` returns).
+        method: A registered method name or a ``VisionMethod`` instance.
+        max_new_tokens: Generation cap per answer.
+        **options: The method's options when ``method`` is a name (``keep=0.25``, ...).
+
+    Raises:
+        PrumergeError: Unknown method or option, or a model the adapter does not support.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        prompt_fn: Callable[[str], str],
+        method: Any = "none",
+        *,
+        max_new_tokens: int = 8,
+        **options: Any,
+    ) -> None:
+        import prumerge
+        from prumerge.methods import build_method
+
+        if max_new_tokens < 1:
+            raise PrumergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if isinstance(method, str):
+            try:
+                method = build_method(method, **options)
+            except (ValueError, TypeError) as exc:
+                raise PrumergeError(str(exc)) from None
+        elif options:
+            raise PrumergeError("pass options either to the method instance or here, not both")
+        self.model = model
+        self.processor = processor
+        self.prompt_fn = prompt_fn
+        self.method = method
+        self.max_new_tokens = max_new_tokens
+        self.handle: Any = prumerge.apply(model, method)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Undo the patch (idempotent)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def __enter__(self) -> ModelPredictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- answering -------------------------------------------------------------------------
+    def predict(self, samples: Sequence[Sample]) -> list[Prediction]:
+        """Answer a batch of samples (one image each), in order; see the runner's protocol."""
+        questions = [self.prompt_fn(sample.prompt) for sample in samples]
+        images = [[sample.load_image()] for sample in samples]
+        answers = self.generate(questions, images, formatted=True)
+        return [Prediction(a.text, a.tokens_in, a.tokens_out) for a in answers]
+
+    def generate(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Sequence[Any]],
+        *,
+        max_new_tokens: int | None = None,
+        formatted: bool = False,
+        stop: Sequence[str] = (),
+    ) -> list[Generation]:
+        """Greedy answers for a batch of questions, each with zero or more images.
+
+        Args:
+            questions: One text per answer.
+            images: The PIL images of each question (same length as ``questions``).
+            max_new_tokens: Cap for this call; default the predictor's.
+            formatted: The questions are already full prompts with image placeholders.
+                Otherwise a question with one image is formatted by ``prompt_fn`` and any
+                other by :func:`chat_prompt`.
+            stop: Cut each answer before the first occurrence of any of these strings
+                (lmms-eval's ``until``).
+
+        Returns:
+            One :class:`Generation` per question, in order.
+        """
+        from prumerge.runtime import generate_answers
+
+        if self.handle is None:
+            raise PrumergeError("this predictor is closed")
+        if len(questions) != len(images):
+            raise PrumergeError(f"{len(questions)} questions but {len(images)} image lists")
+        if not questions:
+            return []
+        counts = [len(row) for row in images]
+        if formatted:
+            prompts = list(questions)
+        else:
+            prompts = [
+                self.prompt_fn(q) if n == 1 else chat_prompt(self.processor, q, n)
+                for q, n in zip(questions, counts, strict=True)
+            ]
+        flat = [image for row in images for image in row]
+        answer = generate_answers(
+            self.model,
+            self.processor,
+            self.handle,
+            flat if flat else None,  # type: ignore[arg-type]  # text-only batch
+            prompts,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+        )
+        # handle.stats is per image of this call, in the order the processor saw the images
+        # (prompt by prompt); a text-only call leaves the previous call's stats behind.
+        per_image_in = answer.tokens_in if flat else []
+        per_image_out = answer.tokens_out if flat else []
+        if len(per_image_in) != len(flat) or len(per_image_out) != len(flat):
+            raise PrumergeError(
+                f"the model reported token counts for {len(per_image_in)} images, "
+                f"expected {len(flat)}"
+            )
+        out = []
+        start = 0
+        for text, n in zip(answer.texts, counts, strict=True):
+            out.append(
+                Generation(
+                    text=_cut(text, stop),
+                    tokens_in=int(sum(per_image_in[start : start + n])),
+                    tokens_out=int(sum(per_image_out[start : start + n])),
+                )
+            )
+            start += n
+        return out
+
+    def describe(self) -> Mapping[str, Any]:
+        """The method and its options, for logs and result files."""
+        return {"method": self.method.name, **self.method.options()}
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    for marker in stop:
+        if marker:
+            text = text.split(marker, 1)[0]
+    return text.strip()
