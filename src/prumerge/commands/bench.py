@@ -1,0 +1,237 @@
+"""`prumerge bench`: measured speedups of visual-token reduction, beside the predicted ones.
+
+Every configuration runs the same batches against the ``none`` baseline in one process,
+round-robin, after warm-up rounds; the tables give medians with min-max spreads, speedups as
+per-round paired ratios, and the cost model's prediction for the same prompt shapes. Input is
+validated before the model loads, and bad input is one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from prumerge.errors import PrumergeError
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="measure time to first token, decode speed and memory per method vs none",
+        description="Time visual-token reduction methods against no reduction on one model: "
+        "time to first token split into vision, reduction and LLM prefill, decode tokens/s, "
+        "peak memory and end-to-end latency, with the cost model's predicted speedup for the "
+        "same prompt shapes next to each measured one. Without --model it uses the embedded "
+        "default model (DINOv2-S + SmolLM2-135M).",
+    )
+    parser.add_argument(
+        "--methods",
+        default="prumerge,prumerge+",
+        help="comma-separated methods, each optionally with a budget: prumerge,pool@64 "
+        "(default prumerge,prumerge+; none is always measured)",
+    )
+    parser.add_argument(
+        "--keep",
+        help="comma-separated budgets for methods given without one: counts (64), ratios of "
+        "the patches (0.25) or auto (the method's default, adaptive for prumerge); default auto",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method option for every listed method that takes it, e.g. merge=mean (repeatable)",
+    )
+    parser.add_argument(
+        "--images", required=True, help="comma-separated image files (any format PIL reads)"
+    )
+    parser.add_argument("--question", default="Describe the image.", help="the prompt's question")
+    parser.add_argument("--batch", default="1", help="images per generate call (default 1)")
+    parser.add_argument("--repeats", default="3", help="timed rounds (default 3)")
+    parser.add_argument("--warmup", default="1", help="untimed rounds first (default 1)")
+    parser.add_argument(
+        "--new-tokens", default="16", help="tokens generated per answer, exactly (default 16)"
+    )
+    parser.add_argument("--model", help="HF LLaVA model id or local directory (default: embedded)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument(
+        "--dtype", default="auto", help=f"model dtype: {', '.join(_DTYPES)} (default: as loaded)"
+    )
+    parser.add_argument("--cache-dir", help="cache of the built default model")
+    parser.add_argument(
+        "--hardware",
+        default="auto",
+        help="cost-model hardware preset (see `prumerge cost`), or custom with --bandwidth and "
+        "--peak-fp16; default auto: the CUDA device's preset if known, else v100",
+    )
+    parser.add_argument("--bandwidth", help="custom hardware: memory bandwidth in bytes/s")
+    parser.add_argument("--peak-fp16", help="custom hardware: peak FP16 ops/s")
+    parser.add_argument("--plot", metavar="PNG", help="write a plot of the results")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)
+
+
+def _int(value: str, flag: str, minimum: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise PrumergeError(f"{flag} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise PrumergeError(f"{flag} must be at least {minimum}, got {number}")
+    return number
+
+
+def _positive(value: str | None, flag: str) -> float:
+    if value is None:
+        raise PrumergeError(f"--hardware custom needs {flag}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise PrumergeError(f"{flag} must be a number, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise PrumergeError(f"{flag} must be a positive finite number, got {value!r}")
+    return number
+
+
+def _device(text: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise PrumergeError(
+            f"--device: unknown device {text!r}; supported: cpu, cuda[:N]"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise PrumergeError(f"--device {text!r} is not supported; supported: cpu, cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PrumergeError("--device cuda: CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PrumergeError(
+                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    return device
+
+
+def _hardware(args: argparse.Namespace, device: Any) -> Any:
+    from prumerge.bench import hardware_for
+    from prumerge.cost import custom_hardware
+
+    if args.hardware.strip().lower() == "custom":
+        return custom_hardware(
+            _positive(args.bandwidth, "--bandwidth"), _positive(args.peak_fp16, "--peak-fp16")
+        )
+    if args.bandwidth is not None or args.peak_fp16 is not None:
+        raise PrumergeError("--bandwidth and --peak-fp16 need --hardware custom")
+    return hardware_for(args.hardware, device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from prumerge.bench import (
+        decoder_spec,
+        format_report,
+        make_batches,
+        measure,
+        model_attention,
+        model_precision,
+        parse_configs,
+        predict,
+        save_plot,
+        summarise,
+        to_json,
+    )
+    from prumerge.images import load_image
+    from prumerge.runtime import load_model, parse_options
+
+    configs = parse_configs(args.methods, args.keep, parse_options(args.option))
+    batch = _int(args.batch, "--batch", 1)
+    repeats = _int(args.repeats, "--repeats", 1)
+    warmup = _int(args.warmup, "--warmup", 0)
+    new_tokens = _int(args.new_tokens, "--new-tokens", 1)
+    question = args.question.strip()
+    if not question:
+        raise PrumergeError("the question is empty")
+    if args.dtype not in _DTYPES:
+        raise PrumergeError(f"--dtype must be one of {', '.join(_DTYPES)}, got {args.dtype!r}")
+    paths = [p.strip() for p in args.images.split(",")]
+    if not args.images.strip() or any(not p for p in paths):
+        raise PrumergeError(f"--images must be comma-separated image files, got {args.images!r}")
+    images = [load_image(p) for p in paths]
+    device = _device(args.device)
+    hardware = _hardware(args, device)
+    if args.plot:
+        folder = Path(args.plot).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise PrumergeError(f"cannot write {args.plot}: {folder} is not a writable folder")
+
+    model, processor, prompt_fn = load_model(
+        args.model, device=str(device), cache_dir=args.cache_dir
+    )
+    if args.dtype != "auto":
+        model = model.to(getattr(torch, args.dtype))
+    name = args.model or "default model (DINOv2-S/14 + SmolLM2-135M)"
+    batches = make_batches(model, processor, prompt_fn(question), images, paths, batch)
+
+    def progress(message: str) -> None:
+        if not args.json:
+            print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    samples, observed, memory_kind = measure(
+        model,
+        processor,
+        batches,
+        configs,
+        repeats=repeats,
+        warmup=warmup,
+        new_tokens=new_tokens,
+        progress=progress,
+    )
+    spec = decoder_spec(model, args.model or "smollm2-135m (default model)")
+    precision = model_precision(model)
+    attention = model_attention(model)
+    predictions = {
+        c.label: predict(
+            spec, hardware, precision, attention, batches, observed[c.label], new_tokens
+        )
+        for c in configs
+    }
+    report: dict[str, Any] = {
+        "setup": {
+            "model": name,
+            "device": str(device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(),
+            "images": len(images),
+            "image_files": paths,
+            "question": question,
+            "batch": batch,
+            "batches": len(batches),
+            "repeats": repeats,
+            "warmup": warmup,
+            "new_tokens": new_tokens,
+        },
+        "cost_model": {
+            "decoder": spec.to_dict(),
+            "hardware": hardware.to_dict(),
+            "precision": precision.w_bits,
+            "attention": attention,
+        },
+        "memory": memory_kind,
+        "results": summarise(configs, samples, observed, predictions),
+    }
+    if args.plot:
+        report["plot"] = save_plot(report, args.plot)
+    if args.json:
+        print(to_json(report))
+    else:
+        print(format_report(report))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
