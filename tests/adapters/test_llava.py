@@ -254,3 +254,25 @@ def test_apply_twice_is_refused():
     model = tiny_llava("clip")
     with prumerge.apply(model), pytest.raises(PrumergeError, match="already patched"):
         prumerge.apply(model)
+
+
+def test_visionzip_reads_the_layer_that_produces_the_features():
+    model = tiny_llava("clip", attn="eager")
+    pixels = images(2, seed=11)
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+    # 3 layers, vision_feature_layer=-2: layer 1 produces the features, layer 2 consumes them.
+    produced = out.attentions[1].mean(dim=1)[:, 0, 1:]
+    consumed = out.attentions[2].mean(dim=1)[:, 0, 1:]
+    for method, expected in (("visionzip", produced), ("prumerge", consumed)):
+        with prumerge.apply(model, method, keep=1.0) as handle:
+            seen = {}
+            original = handle.method.reduce
+
+            def spy(inputs, original=original, seen=seen):
+                seen["attn"] = inputs.cls_attn
+                return original(inputs)
+
+            handle.method.reduce = spy
+            handle.encode_images(pixels)
+        torch.testing.assert_close(seen["attn"], expected, rtol=1e-5, atol=1e-6)

@@ -77,7 +77,7 @@ class _TowerLayout:
     key: nn.Module | None
 
 
-def _tower_layout(model: nn.Module, needs_attention: bool) -> _TowerLayout:
+def _tower_layout(model: nn.Module, method: VisionMethod) -> _TowerLayout:
     config = model.config
     tower = model.model.vision_tower
     tower_name = type(tower).__name__
@@ -107,22 +107,32 @@ def _tower_layout(model: nn.Module, needs_attention: bool) -> _TowerLayout:
             f"vision_feature_layer={layer} is out of range for a {num_layers}-layer tower"
         )
     query = key = None
-    if needs_attention:
-        if index >= num_layers:
+    if method.needs_attention:
+        # PruMerge reads the layer that consumes the selected features (the released code's
+        # layer 23 of 24 for vision_feature_layer=-2); VisionZip the layer that produces them.
+        attention_layer = index if method.attention_source == "consumer" else index - 1
+        if method.attention_source == "consumer" and index >= num_layers:
             raise PrumergeError(
                 f"vision_feature_layer={layer} is the tower's last output: no encoder layer "
                 f"consumes it, so there is no [CLS] attention to use; supported: "
                 f"-{num_layers + 1} to -2 (LLaVA-1.5 uses -2)"
             )
+        if attention_layer < 0:
+            raise PrumergeError(
+                f"vision_feature_layer={layer} selects the embeddings: no encoder layer "
+                f"produces them, so {method.name} has no attention to use"
+            )
         modules = dict(tower.named_modules())
         layers = next((modules[n] for n in modules if n.endswith(_LAYER_LISTS)), None)
         if not isinstance(layers, nn.ModuleList):
             raise PrumergeError(f"cannot find the encoder layers of {tower_name}")
-        consumer = dict(layers[index].named_modules())
-        query = next((m for n, m in consumer.items() if n.endswith(_QUERY_NAMES)), None)
-        key = next((m for n, m in consumer.items() if n.endswith(_KEY_NAMES)), None)
+        parts = dict(layers[attention_layer].named_modules())
+        query = next((m for n, m in parts.items() if n.endswith(_QUERY_NAMES)), None)
+        key = next((m for n, m in parts.items() if n.endswith(_KEY_NAMES)), None)
         if query is None or key is None:
-            raise PrumergeError(f"cannot find the q/k projections in layer {index} of {tower_name}")
+            raise PrumergeError(
+                f"cannot find the q/k projections in layer {attention_layer} of {tower_name}"
+            )
     registers = getattr(vision, "num_register_tokens", 0) or 0
     return _TowerLayout(
         feature_layer=index,
@@ -175,7 +185,7 @@ class Handle:
             raise PrumergeError("this model is already patched; call remove() on its handle first")
         self.model = model
         self.method = method
-        self.layout = _tower_layout(model, method.needs_attention)
+        self.layout = _tower_layout(model, method)
         self.stats = TokenStats()
         self.last_reduction: Reduction | None = None
         self.fastv = None

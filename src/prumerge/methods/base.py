@@ -40,6 +40,10 @@ class VisionMethod:
     needs_attention: ClassVar[bool] = False
     #: "multihead" or "reference": how the adapter computes ``cls_attn``.
     attention_mode: str = "multihead"
+    #: Which encoder layer's [CLS] attention and keys: "consumer", the layer whose input is
+    #: the selected feature layer (PruMerge), or "producer", the layer that outputs it
+    #: (VisionZip).
+    attention_source: ClassVar[str] = "consumer"
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         raise NotImplementedError

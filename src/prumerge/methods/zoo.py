@@ -110,6 +110,9 @@ class VisionZip(VisionMethod):
     """
 
     needs_attention = True
+    # The released VisionZip code reads the attention of the layer that outputs the selected
+    # features (layer -2 for LLaVA-1.5), not of the layer that consumes them.
+    attention_source = "producer"
 
     def __init__(
         self, keep: int | float = 64, contextual: int | float = PAPER_CONTEXTUAL_FRACTION
