@@ -243,11 +243,30 @@ def plan_configs(
         for budget in chosen:
             extra = {} if budget is None else {"keep": budget}
             try:
-                build_method(name, **options[name], **extra)
+                # Some option values are only checked when the method runs: run it once on a
+                # small random input, so that a bad value fails here and not after the model
+                # has loaded (or, worse, half-way through a run).
+                build_method(name, **options[name], **extra).reduce(_trial_inputs())
             except (ValueError, TypeError) as exc:
                 raise PrumergeError(f"method {name!r}: {exc}") from None
             planned.append(Planned(name, budget, options[name]))
     return planned
+
+
+def _trial_inputs() -> Any:
+    """Random features, keys and [CLS] attention for a 4x4 patch grid."""
+    import torch
+
+    from prumerge.methods import VisionInputs
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 16, 8, generator=generator)  # (B, N, C)
+    return VisionInputs(
+        features=features,
+        keys=torch.randn(1, 16, 8, generator=generator),
+        cls_attn=torch.softmax(torch.randn(1, 16, generator=generator), dim=-1),
+        grid=(4, 4),
+    )
 
 
 def benchmark_options(pairs: list[str] | None, benchmark: str) -> dict[str, Any]:

@@ -228,6 +228,41 @@ class ModelPredictor:
             start += n
         return out
 
+    def score_continuation(
+        self, question: str, continuation: str, images: Sequence[Any]
+    ) -> tuple[float, bool]:
+        """Log-probability of ``continuation`` after the prompt for ``question``, with reduction.
+
+        The prompt is formatted as in :meth:`generate`; prompt and continuation are tokenised
+        together and the continuation is what the joint sequence adds to the prompt's tokens
+        (the convention of lmms-eval's HF models). Reduction only shortens the image runs
+        inside the prompt, so the continuation stays the last tokens of the sequence.
+
+        Returns:
+            ``(sum of the continuation's token log-probabilities, whether greedy decoding
+            would produce exactly those tokens)``.
+        """
+        import torch
+
+        if self.handle is None:
+            raise PrumergeError("this predictor is closed")
+        n = len(images)
+        prompt = self.prompt_fn(question) if n == 1 else chat_prompt(self.processor, question, n)
+        pictures = list(images) if images else None
+        full = self.processor(images=pictures, text=[prompt + continuation], return_tensors="pt")
+        alone = self.processor(images=pictures, text=[prompt], return_tensors="pt")
+        length = full["input_ids"].shape[1] - alone["input_ids"].shape[1]
+        if length <= 0:
+            raise PrumergeError(f"the continuation {continuation!r} adds no tokens")
+        inputs = {k: v.to(self.model.device) for k, v in full.items()}
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits  # (1, L', V), L' after reduction
+        target = inputs["input_ids"][0, -length:]  # (length,)
+        log_probs = torch.log_softmax(logits[0, -length - 1 : -1].float(), dim=-1)
+        total = float(log_probs.gather(-1, target[:, None]).sum())
+        greedy = bool((log_probs.argmax(dim=-1) == target).all())
+        return total, greedy
+
     def describe(self) -> Mapping[str, Any]:
         """The method and its options, for logs and result files."""
         return {"method": self.method.name, **self.method.options()}
