@@ -12,7 +12,7 @@ The lmms-eval plugin (:mod:`prumerge.eval.lmms_plugin`) answers its requests thr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,10 +262,6 @@ class ModelPredictor:
         total = float(log_probs.gather(-1, target[:, None]).sum())
         greedy = bool((log_probs.argmax(dim=-1) == target).all())
         return total, greedy
-
-    def describe(self) -> Mapping[str, Any]:
-        """The method and its options, for logs and result files."""
-        return {"method": self.method.name, **self.method.options()}
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
