@@ -144,6 +144,7 @@ def test_json_report(tiny_dir, photos, tmp_path, capsys):
         assert row["decode_tokens_per_second"]["median"] > 0
         for name in ("prefill", "time_to_first_token", "decode", "end_to_end"):
             assert row["speedup"][name]["median"] > 0
+            assert row["speedup_of_best"][name] > 0
         predicted = row["predicted"]
         assert predicted["prefill_tflops"] > 0 and predicted["prefill_seconds"] > 0
         assert len(row["prompt_tokens"]) == 2
@@ -182,7 +183,11 @@ def test_table_report(tiny_dir, photos, capsys):
         "--hardware",
         "a100-80g",
     ]
-    code, out, err = run_cli(args, capsys)
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = run_cli(args, capsys)
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide
     assert code == 0, err
     assert "speedup vs none" in out and "pred FLOPs" in out and "A100-80G" in out
     for label in ("none", "cls_topk@8", "cls_topk@0.5"):
@@ -236,6 +241,7 @@ def test_parse_configs_errors(methods, keeps, options, message):
         (["--repeats", "0"], "--repeats must be at least 1, got 0"),
         (["--new-tokens", "x"], "--new-tokens must be an integer, got 'x'"),
         (["--batch", "0"], "--batch must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
         (["--hardware", "tpu"], "unknown hardware 'tpu'"),
         (["--hardware", "custom", "--bandwidth", "1e11"], "needs --peak-fp16"),
         (["--bandwidth", "1e11"], "need --hardware custom"),

@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", default="auto", help=f"model dtype: {', '.join(_DTYPES)} (default: as loaded)"
     )
+    parser.add_argument(
+        "--threads", help="torch CPU threads (default: torch's); 1 is steadier on a busy machine"
+    )
     parser.add_argument("--cache-dir", help="cache of the built default model")
     parser.add_argument(
         "--hardware",
@@ -155,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     repeats = _int(args.repeats, "--repeats", 1)
     warmup = _int(args.warmup, "--warmup", 0)
     new_tokens = _int(args.new_tokens, "--new-tokens", 1)
+    threads = None if args.threads is None else _int(args.threads, "--threads", 1)
     question = args.question.strip()
     if not question:
         raise PrumergeError("the question is empty")
@@ -171,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise PrumergeError(f"cannot write {args.plot}: {folder} is not a writable folder")
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     model, processor, prompt_fn = load_model(
         args.model, device=str(device), cache_dir=args.cache_dir
     )
