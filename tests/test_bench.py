@@ -276,3 +276,33 @@ def test_memory_meter_reports_or_says_not():
         assert result is None
     else:
         assert result["peak"] > 0 and result["growth"] >= 0
+
+
+def test_generate_answers_split_and_forced_tokens(tiny_dir):
+    """The runtime helpers bench and ask share: the split adds up, tokens are forced."""
+    import prumerge
+    from prumerge.runtime import generate_answers, load_model
+
+    model, processor, prompt = load_model(str(tiny_dir))
+    images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")]
+    with prumerge.apply(model, "prumerge") as handle:
+        answer = generate_answers(
+            model,
+            processor,
+            handle,
+            images,
+            [prompt("describe the image.")] * 2,
+            max_new_tokens=5,
+            repeats=2,
+            warmup=1,
+            force_new_tokens=True,
+        )
+    assert len(answer.timings) == 2 and len(answer.texts) == 2
+    for timing in answer.timings:
+        assert 0 <= timing.reduce <= timing.vision
+        assert timing.steps == 5 and timing.rows == 2
+        assert timing.total == pytest.approx(timing.vision + timing.prefill + timing.generate)
+        assert timing.decode_tokens_per_second > 0
+    # The method's own reduce is restored after the timed calls.
+    assert "reduce" not in vars(handle.method)
+    assert answer.tokens_in == [PATCHES] * 2
