@@ -662,8 +662,9 @@ def format_report(report: dict[str, Any]) -> str:
         )
     hw = cost["hardware"]["name"]
     lines = [
-        f"prumerge bench: {setup['model']} on {setup['device']} ({setup['dtype']}), "
-        f"batch {setup['batch']}, {setup['images']} image(s) in {setup['batches']} batch(es), "
+        f"prumerge bench: {setup['model']} on {setup['device']} ({setup['dtype']}"
+        + (f", torch threads: {setup['torch_threads']}), " if small else "), ")
+        + f"batch {setup['batch']}, {setup['images']} image(s) in {setup['batches']} batch(es), "
         f"{setup['new_tokens']} new tokens, {setup['warmup']} warm-up + {setup['repeats']} "
         "timed rounds, round-robin",
         "",
