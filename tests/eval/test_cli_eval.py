@@ -338,6 +338,7 @@ POPE_LINE = '{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "la
         ("unknown method", "unknown method 'bogus'"),
         ("bad budget", "--keep: 'x' is not a count"),
         ("unknown benchmark option", "synth takes no option 'colour'"),
+        ("no data directory", "pope reads its data from files: give --data-root DIR"),
         ("missing data directory", "data directory .*missing does not exist"),
         ("missing data file", r"coco_pope_random\.json not found"),
         ("malformed data file", r"coco_pope_random\.json line 2: not valid JSON"),
@@ -369,6 +370,7 @@ def test_bad_input_is_one_line_and_exit_2(
         "unknown benchmark option": lambda: synth_args(
             tiny_checkpoint, tmp_path, 2, "--benchmark-option", "colour=red"
         ),
+        "no data directory": lambda: pope,
         "missing data directory": lambda: [*pope, "--data-root", str(tmp_path / "missing")],
         "missing data file": lambda: [*pope, "--data-root", str(empty_pope(pope_root))],
         "malformed data file": lambda: [

@@ -364,7 +364,7 @@ class _QuietError(Exception):
 
 
 def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> int:
-    from prumerge.eval.datasets import load_benchmark
+    from prumerge.eval.datasets import get_benchmark, load_benchmark
     from prumerge.eval.predictor import max_new_tokens_for
 
     # Everything up to the model load depends only on the arguments and the files, so every
@@ -378,6 +378,11 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> in
             raise PrumergeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         planned = plan_configs(args.methods, args.keep, args.option)
         bench_options = benchmark_options(args.benchmark_option, args.benchmark)
+        if get_benchmark(args.benchmark).needs_root and args.data_root is None:
+            raise PrumergeError(
+                f"{args.benchmark} reads its data from files: give --data-root DIR (LLaVA's "
+                f"playground/data/eval/<name> layout; see docs/eval.md)"
+            )
         benchmark = load_benchmark(
             args.benchmark, args.data_root, limit=args.limit, **bench_options
         )
