@@ -48,10 +48,17 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
-def load_model(model: str | None, *, device: str = "cpu", cache_dir: str | None = None):
+def load_model(
+    model: str | None,
+    *,
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    dtype: str | torch.dtype | None = None,
+):
     """``(model, processor, prompt_fn)`` for the default model (None) or an HF id/directory.
 
     ``prompt_fn(question)`` formats one question about one image with the model's template.
+    ``dtype`` is a torch dtype or its name ("float16", "bfloat16", "auto"); default float32.
     """
     from transformers.utils import logging as hf_logging
 
@@ -59,7 +66,9 @@ def load_model(model: str | None, *, device: str = "cpu", cache_dir: str | None 
     if model is None:
         from prumerge.models.default import format_prompt, load_default_model
 
-        loaded, processor = load_default_model(cache_dir=cache_dir, device=device)
+        loaded, processor = load_default_model(
+            cache_dir=cache_dir, device=device, dtype=_dtype(dtype) or torch.float32
+        )
         return loaded, processor, lambda question: format_prompt(processor, question)
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -87,6 +96,15 @@ def load_model(model: str | None, *, device: str = "cpu", cache_dir: str | None 
         return f"USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5's format
 
     return loaded, processor, prompt
+
+
+def _dtype(name: str | torch.dtype | None) -> Any:
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
+        return name
+    value = getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype):
+        raise PrumergeError(f"unknown dtype {name!r}; use float32, float16, bfloat16 or auto")
+    return value
 
 
 @dataclass

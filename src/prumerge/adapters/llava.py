@@ -360,6 +360,7 @@ class Handle:
         pixel_values = kwargs.get("pixel_values")
         input_ids = kwargs.get("input_ids")
         if pixel_values is None or input_ids is None or kwargs.get("inputs_embeds") is not None:
+            self.stats = TokenStats()  # no images in this call
             return self._original_generate(*args, **kwargs)
         prepared = self._prepare(
             input_ids, pixel_values, kwargs.get("attention_mask"), None, left_pad=True
