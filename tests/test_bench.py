@@ -306,3 +306,30 @@ def test_generate_answers_split_and_forced_tokens(tiny_dir):
     # The method's own reduce is restored after the timed calls.
     assert "reduce" not in vars(handle.method)
     assert answer.tokens_in == [PATCHES] * 2
+
+
+def test_dtype_reaches_the_model_and_the_cost_model(tiny_dir, photos, capsys):
+    args = [
+        "bench",
+        "--model",
+        str(tiny_dir),
+        "--images",
+        photos[1],
+        "--methods",
+        "pool@9",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--new-tokens",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--json",
+    ]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["setup"]["dtype"] == "bfloat16"
+    assert report["cost_model"]["precision"] == 16
+    assert [r["mean_tokens_out"] for r in report["results"]] == [PATCHES, 9]

@@ -177,11 +177,12 @@ def run(args: argparse.Namespace) -> int:
 
     if threads is not None:
         torch.set_num_threads(threads)
+    wanted = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, processor, prompt_fn = load_model(
-        args.model, device=str(device), cache_dir=args.cache_dir
+        args.model, device=str(device), cache_dir=args.cache_dir, dtype=wanted
     )
-    if args.dtype != "auto":
-        model = model.to(getattr(torch, args.dtype))
+    if wanted is not None and model.dtype != wanted:
+        model = model.to(wanted)
     name = args.model or "default model (DINOv2-S/14 + SmolLM2-135M)"
     batches = make_batches(model, processor, prompt_fn(question), images, paths, batch)
 
