@@ -25,29 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ops_speed import encoder_inputs, timed  # noqa: E402
+from ops_speed import encoder_forward_ms, encoder_inputs, timed  # noqa: E402
 from prumerge.methods import METHODS, VisionInputs, build_method, method_names  # noqa: E402
 
 NUM_PATCHES, WIDTH, HEADS = 576, 1024, 16  # CLIP ViT-L/14 at 336 px
-
-
-def encoder_forward_ms(repeats: int) -> tuple[float, float]:
-    """Median and half-spread (ms) of a ViT-L/14-336-shaped CLIP encoder forward at B=1."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=HEADS,
-        image_size=336,
-        patch_size=14,
-    )
-    encoder = CLIPVisionModel(config).eval()
-    pixels = torch.randn(1, 3, 336, 336)
-    with torch.inference_mode():
-        median, spread = timed(lambda: encoder(pixel_values=pixels), repeats, warmup=1)
-    return median * 1e3, spread * 1e3
 
 
 def build(name: str, keep: int) -> object:

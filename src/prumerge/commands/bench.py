@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from prumerge.commands._args import int_arg
 from prumerge.errors import PrumergeError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -76,16 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="PNG", help="write a plot of the results")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
-
-
-def _int(value: str, flag: str, minimum: int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise PrumergeError(f"{flag} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise PrumergeError(f"{flag} must be at least {minimum}, got {number}")
-    return number
 
 
 def _positive(value: str | None, flag: str) -> float:
@@ -154,11 +145,11 @@ def run(args: argparse.Namespace) -> int:
     from prumerge.runtime import load_model, parse_options
 
     configs = parse_configs(args.methods, args.keep, parse_options(args.option))
-    batch = _int(args.batch, "--batch", 1)
-    repeats = _int(args.repeats, "--repeats", 1)
-    warmup = _int(args.warmup, "--warmup", 0)
-    new_tokens = _int(args.new_tokens, "--new-tokens", 1)
-    threads = None if args.threads is None else _int(args.threads, "--threads", 1)
+    batch = int_arg(args.batch, "--batch", 1)
+    repeats = int_arg(args.repeats, "--repeats", 1)
+    warmup = int_arg(args.warmup, "--warmup", 0)
+    new_tokens = int_arg(args.new_tokens, "--new-tokens", 1)
+    threads = None if args.threads is None else int_arg(args.threads, "--threads", 1)
     question = args.question.strip()
     if not question:
         raise PrumergeError("the question is empty")

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from prumerge.commands._args import int_arg
 from prumerge.errors import PrumergeError
 
 GB = 1e9  # LLM-Viewer and the paper report decimal gigabytes.
@@ -82,16 +83,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-def _int(value: str, flag: str, minimum: int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise PrumergeError(f"{flag} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise PrumergeError(f"{flag} must be at least {minimum}, got {number}")
-    return number
-
-
 def _float(value: str | None, flag: str) -> float | None:
     if value is None:
         return None
@@ -115,7 +106,7 @@ def _counts(value: str) -> list[int]:
     parts = [part.strip() for part in str(value).split(",")]
     if not parts or any(not part for part in parts):
         raise PrumergeError(f"--visual-tokens must be comma-separated integers, got {value!r}")
-    return [_int(part, "--visual-tokens", 0) for part in parts]
+    return [int_arg(part, "--visual-tokens", 0) for part in parts]
 
 
 def _hardware(args: argparse.Namespace) -> Any:
@@ -191,9 +182,9 @@ def run(args: argparse.Namespace) -> int:
     from prumerge.cost.layers import check_attention, check_convention
 
     counts = _counts(args.visual_tokens)
-    text = _int(args.text_tokens, "--text-tokens", 0)
-    new = _int(args.new_tokens, "--new-tokens", 0)
-    batch = _int(args.batch, "--batch", 1)
+    text = int_arg(args.text_tokens, "--text-tokens", 0)
+    new = int_arg(args.new_tokens, "--new-tokens", 0)
+    batch = int_arg(args.batch, "--batch", 1)
     if new > 100_000:
         raise PrumergeError(f"--new-tokens is too large ({new}); at most 100000")
     if any(c + text == 0 for c in counts):

@@ -4,23 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
 from prumerge.methods.base import VisionInputs, VisionMethod, register_method
-from prumerge.ops import Reduction, prumerge
-
-
-def identity_reduction(features: torch.Tensor) -> Reduction:
-    """All N tokens, unchanged."""
-    batch, num, _ = features.shape
-    index = torch.arange(num, device=features.device).expand(batch, num).clone()
-    return Reduction(
-        tokens=features,
-        lengths=torch.full((batch,), num, dtype=torch.long, device=features.device),
-        index=index,
-        assignment=index.clone(),
-        attention_selected=torch.zeros(batch, num, dtype=torch.bool, device=features.device),
-    )
+from prumerge.ops import Reduction, full_reduction, prumerge
 
 
 @register_method("none")
@@ -28,7 +13,7 @@ class NoReduction(VisionMethod):
     """All visual tokens pass unchanged: the baseline, and the parity check."""
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
-        return identity_reduction(inputs.features)
+        return full_reduction(inputs.features)
 
     def describe_budget(self) -> str:
         return "all N patch tokens"
@@ -120,7 +105,7 @@ class FastV(VisionMethod):
         self.layer = layer
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
-        return identity_reduction(inputs.features)
+        return full_reduction(inputs.features)
 
     def describe_budget(self) -> str:
         return (
