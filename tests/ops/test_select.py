@@ -66,3 +66,14 @@ def test_spatial_rank_prefixes_are_spread_out(grid):
         # Farthest-point sampling: no two samples close together, no cell far from a sample.
         assert gaps.min() >= 0.6 * spacing
         assert torch.cdist(cells, sample).min(dim=1).values.max() <= 1.35 * spacing
+
+
+def test_topk_lowest_index_ties_matches_a_stable_sort():
+    from prumerge.ops.select import topk_lowest_index_ties
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (3, 5, 40), generator=gen).float()  # many ties
+    for k in (1, 7, 40):
+        expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        got = topk_lowest_index_ties(scores, k)
+        assert torch.equal(got, expected.sort(dim=-1).values)

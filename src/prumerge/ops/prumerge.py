@@ -17,6 +17,7 @@ from prumerge.ops.select import (
     iqr_keep_count,
     rank_descending,
     spatial_rank,
+    topk_lowest_index_ties,
 )
 
 MergeMode = Literal["sum", "mean", "none"]
@@ -161,11 +162,17 @@ def prumerge(
     neighbours = min(knn, num - 1)
     if merge != "none" and neighbours > 0:
         others = similarity.scatter(2, kept_index[..., None], float("-inf"))  # exclude self
-        nearest = torch.sort(others, dim=2, descending=True, stable=True).indices
-        nearest = nearest[:, :, :neighbours]  # (B, K, k)
+        nearest = topk_lowest_index_ties(others, neighbours)  # (B, K, k)
         weight = attn[:, None, :].expand(-1, max_keep, -1).gather(2, nearest)  # (B, K, k)
-        mixing = torch.zeros_like(similarity).scatter_(2, nearest, weight)  # (B, K, N)
-        merged = mixing @ feats  # (B, K, C)
+        # sum_j a_j x_j over each token's k neighbours, without a dense (B, K, N) product:
+        # one weighted bag per kept token over the batch's flattened patch table.
+        offsets = (torch.arange(batch, device=device) * num)[:, None, None]
+        merged = F.embedding_bag(
+            (nearest + offsets).view(-1, neighbours),
+            feats.reshape(batch * num, width),
+            per_sample_weights=weight.reshape(-1, neighbours),
+            mode="sum",
+        ).view(batch, max_keep, width)
         if merge == "sum":
             merged = kept + merged
         else:

@@ -130,3 +130,25 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(perm.shape[1], device=perm.device)
     inverse.scatter_(1, perm, positions.expand_as(perm))
     return inverse
+
+
+def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores along the last dim, ties going to the lower index.
+
+    ``torch.topk`` alone breaks ties in an unspecified order; a full stable sort costs
+    N log N per row. This takes topk's k-th value as a threshold and resolves ties at it by
+    index, which is exact and deterministic.
+
+    Args:
+        scores: (..., N) scores.
+        k: how many to take, 1 <= k <= N.
+
+    Returns:
+        (..., k) int64 indices in increasing index order (a set, not ranked by score).
+    """
+    threshold = scores.topk(k, dim=-1).values[..., -1:]  # (..., 1)
+    above = scores > threshold
+    tied = scores == threshold
+    need = k - above.sum(dim=-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=-1) <= need))
+    return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
