@@ -12,6 +12,7 @@ builds the HF-format weights once into a cache directory and loads them from the
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -260,8 +261,6 @@ def _source_fingerprint() -> dict[str, Any]:
 
 def cache_entry_name(resolution: int, projector_sha256: str) -> str:
     """Name of the cache directory for a resolution and projector (hash-keyed)."""
-    import hashlib
-
     key = json.dumps(
         {
             "format": BUILD_FORMAT,
