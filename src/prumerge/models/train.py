@@ -383,9 +383,7 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     # Per-channel statistics from a fixed sample (the first images by id) for standardisation.
     stats_images = min(cfg.stats_images, len(train_ids))
     sample = features_for(list(range(stats_images))).flatten(0, 1)  # (n * N, C)
-    trainable = StandardizedProjector(
-        projector, sample.mean(0), sample.std(0).clamp_min(1e-6)
-    )
+    trainable = StandardizedProjector(projector, sample.mean(0), sample.std(0).clamp_min(1e-6))
     _log(f"feature statistics from {stats_images} images")
 
     # Each image's turns in a fixed shuffled order, so "is there a red shape?" is not always
