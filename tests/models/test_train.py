@@ -25,8 +25,11 @@ def test_standardisation_folds_into_the_stock_projector():
     stock.load_state_dict(wrapped.fold())
     features = torch.randn(2, 5, 12) * 4 + 7  # (B, N, C), far from zero mean
     torch.testing.assert_close(stock(features), wrapped(features), atol=1e-5, rtol=1e-5)
-    # Folding does not touch the trained module.
+    # Folding does not touch the trained module, and unfolding inverts it.
     assert not torch.equal(stock.linear_1.weight, trained.linear_1.weight)
+    again = StandardizedProjector(LlavaMultiModalProjector(config), wrapped.mean, wrapped.std)
+    again.load_folded(stock.state_dict())
+    torch.testing.assert_close(again(features), wrapped(features), atol=1e-5, rtol=1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

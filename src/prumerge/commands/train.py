@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -42,6 +43,11 @@ def register(subparsers) -> None:
         default=None,
         help="evaluate on the questions of the first N test images (default: all 1,000)",
     )
+    p.add_argument(
+        "--init-projector",
+        default=None,
+        help="start from these projector weights (.safetensors) instead of a fresh projector",
+    )
     p.add_argument("--eval-only", action="store_true", help="only evaluate the shipped projector")
     p.add_argument(
         "--train-dtype",
@@ -74,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             raise PrumergeError(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0:
         raise PrumergeError("--lr must be positive")
+    if args.init_projector is not None and not os.path.isfile(args.init_projector):
+        raise PrumergeError(f"--init-projector: no such file: {args.init_projector}")
     if args.eval_only:
         from prumerge.models.default import build_default_model
 
@@ -96,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         train_images=args.train_images,
         eval_images=args.eval_images,
         train_dtype=args.train_dtype,
+        init_projector=args.init_projector,
         time_budget_min=args.time_budget_min,
         install=args.install,
         command="prumerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

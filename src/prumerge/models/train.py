@@ -63,6 +63,7 @@ class TrainConfig:
     eval_images: int | None = None  # None: all 1,000 test images (9,673 questions)
     eval_batch_images: int = 4
     stats_images: int = 64  # images whose features give the standardisation statistics
+    init_projector: str | None = None  # start from these weights (a continued stage)
     # dtype of the frozen LLM during training; bfloat16 halves the step time on CPUs with
     # AVX512-BF16. The projector always trains in float32 and is evaluated in float32.
     train_dtype: str = "float32"
@@ -241,6 +242,15 @@ class StandardizedProjector(torch.nn.Module):
         state["linear_1.bias"] = state["linear_1.bias"] - weight @ self.mean
         return {k: v.contiguous() for k, v in state.items()}
 
+    @torch.no_grad()
+    def load_folded(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `fold()`: start from a stock projector state (e.g. a shipped one)."""
+        state = {k: v.clone() for k, v in state.items()}
+        folded_weight = state["linear_1.weight"]
+        state["linear_1.bias"] = state["linear_1.bias"] + folded_weight @ self.mean
+        state["linear_1.weight"] = folded_weight * self.std
+        self.projector.load_state_dict(state)
+
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -385,6 +395,11 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     sample = features_for(list(range(stats_images))).flatten(0, 1)  # (n * N, C)
     trainable = StandardizedProjector(projector, sample.mean(0), sample.std(0).clamp_min(1e-6))
     _log(f"feature statistics from {stats_images} images")
+    if cfg.init_projector is not None:
+        from prumerge.models.default import load_projector_state
+
+        trainable.load_folded(load_projector_state(cfg.init_projector))
+        _log(f"projector initialised from {cfg.init_projector}")
 
     # Each image's turns in a fixed shuffled order, so "is there a red shape?" is not always
     # the turn that sits right after the image.
