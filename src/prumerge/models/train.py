@@ -332,7 +332,7 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a projector training, evaluate it and write its artefacts.
 
     Writes into `cfg.output_dir`: `config.json`, `checkpoint.pt` (every
-    `cfg.checkpoint_every` steps), `metrics.jsonl` (one line per logged step),
+    `cfg.checkpoint_every` steps), `metrics.jsonl` (one line per step),
     `projector-<res>.safetensors` and `projector-<res>.json` (config, seed, wall time,
     metrics) at the end; with `cfg.install`, also copies the last two into the package.
 
@@ -362,7 +362,7 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    _log(f"building the default model ({cfg.resolution} px, untrained projector, seed {cfg.seed})")
+    _log(f"building the default model ({cfg.resolution} px, seed {cfg.seed})")
     model, processor = build_default_model(cfg.resolution, projector=None, seed=cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -510,7 +510,7 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
         "stopped_early": stopped_early,
         "train_wall_s": round(train_seconds, 1),
         "eval_wall_s": round(eval_seconds, 1),
-        "final_loss": running[-1] if running else None,
+        "final_loss_mean_last_50": _mean_recent_loss(out / "metrics.jsonl", 50),
         "eval": evaluation,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
@@ -519,6 +519,14 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.install:
         install_projector(out, cfg.resolution)
     return report
+
+
+def _mean_recent_loss(path: Path, count: int) -> float | None:
+    """Mean training loss over the last `count` steps recorded in `metrics.jsonl`."""
+    if not path.is_file():
+        return None
+    losses = [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    return round(sum(losses[-count:]) / len(losses[-count:]), 5) if losses else None
 
 
 def install_projector(run_dir: str | Path, resolution: int = DEFAULT_RESOLUTION) -> Path:
