@@ -4,6 +4,7 @@ Run from the repository root: .venv/bin/python examples/batched_generate.py
 """
 
 import torch
+
 import prumerge
 from prumerge.images import load_image
 from prumerge.runtime import load_model
