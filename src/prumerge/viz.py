@@ -19,6 +19,17 @@ def _palette(count: int) -> list[tuple[int, int, int]]:
     return colours
 
 
+def _cell_box(patch: int, cols: int, cell_w: float, cell_h: float) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom) of a patch of the grid, raster-numbered."""
+    r, c = divmod(patch, cols)
+    return (
+        round(c * cell_w),
+        round(r * cell_h),
+        round((c + 1) * cell_w) - 1,
+        round((r + 1) * cell_h) - 1,
+    )
+
+
 def render_reduction(
     image: Image.Image,
     index: torch.Tensor,
@@ -56,13 +67,7 @@ def render_reduction(
     for patch, slot in enumerate(assignment.tolist()):
         if patch in kept or slot < 0:
             continue
-        r, c = divmod(patch, cols)
-        box = (
-            round(c * cell_w),
-            round(r * cell_h),
-            round((c + 1) * cell_w) - 1,
-            round((r + 1) * cell_h) - 1,
-        )
+        box = _cell_box(patch, cols, cell_w, cell_h)
         draw_overlay.rectangle(box, fill=colours[slot])
         draw_mask.rectangle(box, fill=int(255 * tint))
     picture = Image.composite(overlay, base, mask)
@@ -70,13 +75,7 @@ def render_reduction(
     for slot, patch in enumerate(index.tolist()):
         if patch < 0:
             continue
-        r, c = divmod(patch, cols)
-        box = (
-            round(c * cell_w),
-            round(r * cell_h),
-            round((c + 1) * cell_w) - 1,
-            round((r + 1) * cell_h) - 1,
-        )
+        box = _cell_box(patch, cols, cell_w, cell_h)
         draw.rectangle(box, outline=(255, 255, 255), width=3)
         draw.rectangle(box, outline=colours[slot], width=1)
     return picture
