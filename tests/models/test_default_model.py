@@ -12,10 +12,14 @@ pytestmark = requires_default_weights
 # Fixed easy-vqa test questions: for the first test images (ascending id), the first question of
 # each type, until we have 8 yes/no, 6 colour and 6 shape questions.
 QUOTA = {"yes/no": 8, "color": 6, "shape": 6}
-# The shipped projector scores >= 95% on every question type (docs/default-model.md). With 20
-# questions at p = 0.95, P(fewer than 17 right) < 2%; a broken projector or prompt scores near
-# chance (yes/no 50%, colour 12%, shape 33%), i.e. about 7/20.
-MIN_CORRECT = 17
+# The shipped projector answers 17 of these 20 fixed questions right (greedy decoding, fixed
+# weights: deterministic). Its measured accuracy is 76.8% on the first 200 easy-vqa test images
+# (colour 90%, shape 99%, yes/no 70%; docs/default-model.md). A broken projector or prompt
+# scores near chance (yes/no 50%, colour 12%, shape 33%), about 7/20. 15 leaves room for float
+# differences between library versions and still fails a broken model.
+MIN_CORRECT = 15
+# With training-free PruMerge+ (33-133 of 256 tokens per image), batched, it gets 16 of 20.
+MIN_CORRECT_PRUMERGE_PLUS = 14
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +118,32 @@ def test_answers_easy_vqa_with_all_tokens(default_model, fixed_questions):
     images = [Image.open(p).convert("RGB") for p, _, _ in fixed_questions[:4]]
     fast = answer_questions(model, processor, images, [[q] for _, q, _ in fixed_questions[:4]])
     assert [row[0] for row in fast] == answers[:4]
+
+
+def test_answers_easy_vqa_with_prumerge_plus(default_model, fixed_questions):
+    """Training-free PruMerge+ on the real model still answers most of the same questions."""
+    from PIL import Image
+
+    import prumerge
+    from prumerge.models import format_prompt, normalize_answer
+
+    model, processor = default_model
+    processor.tokenizer.padding_side = "left"
+    images = [Image.open(path).convert("RGB") for path, _, _ in fixed_questions]
+    prompts = [format_prompt(processor, question) for _, question, _ in fixed_questions]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    with prumerge.apply(model, "prumerge+") as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answers = processor.batch_decode(
+        out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    truth = [a for _, _, a in fixed_questions]
+    correct = sum(normalize_answer(g) == t for g, t in zip(answers, truth, strict=True))
+    assert all(n < 256 for n in handle.stats.tokens_out)
+    assert correct >= MIN_CORRECT_PRUMERGE_PLUS, (
+        handle.stats.tokens_out,
+        list(zip(answers, truth, strict=True)),
+    )
 
 
 def test_training_sequence_labels_only_answers(default_model):
