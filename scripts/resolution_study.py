@@ -44,7 +44,7 @@ def main() -> None:
     vision.set_attn_implementation("eager")  # only eager attention returns its weights
     patch = vision.config.patch_size
     llm, _ = load_language_model()
-    photos = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "cat"]
+    photos = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins"]  # cat is chelsea
     mean = np.array(IMAGENET_MEAN, np.float32)
     std = np.array(IMAGENET_STD, np.float32)
 

@@ -18,6 +18,7 @@ greedy-decoding exact match on easy-vqa's test split with all visual tokens, by 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -581,6 +582,10 @@ def answer_questions(
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     image_id = model.config.image_token_id
     lm = model.model.language_model
+    # transformers 5.x renamed the decoder's `past_key_values` argument to `cache`.
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    )
     pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
     image_features = model.model.get_image_features(
         pixel_values=pixels.to(model.dtype),
@@ -607,7 +612,7 @@ def answer_questions(
         embeds = lm.embed_tokens(prefix_ids)
         embeds[prefix_ids == image_id] = image_features[b].to(embeds.dtype)
         cache = DynamicCache()
-        lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        lm(inputs_embeds=embeds, **{cache_arg: cache}, use_cache=True)
         n = len(qs)
         cache.batch_repeat_interleave(n)
         suffixes = [x[len(prefix) :] for x in ids]
@@ -623,7 +628,7 @@ def answer_questions(
             input_ids=suffix_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{cache_arg: cache},
             use_cache=True,
         )
         last = out.last_hidden_state[torch.arange(n), lengths - len(prefix) - 1]  # (n, C)
@@ -644,7 +649,7 @@ def answer_questions(
                 input_ids=token.unsqueeze(1),
                 attention_mask=mask,
                 position_ids=lengths.unsqueeze(1),
-                past_key_values=cache,
+                **{cache_arg: cache},
                 use_cache=True,
             )
             lengths = lengths + 1
