@@ -342,6 +342,26 @@ def _load_synth(
 _EASY_VQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
 
 
+def easy_vqa_split(split: str) -> tuple[list[str], list[str], list[int], list[str]]:
+    """easy-vqa's ``(questions, answers, image_ids, image_paths)`` for "train" or "test".
+
+    The one place that reads the installed package; training uses it too.
+    """
+    try:
+        import easy_vqa
+    except ImportError:
+        raise PrumergeError(
+            "easy-vqa: the easy-vqa package is not installed (pip install easy-vqa==1.0)"
+        ) from None
+    if split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        return questions, answers, image_ids, easy_vqa.get_test_image_paths()
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        return questions, answers, image_ids, easy_vqa.get_train_image_paths()
+    raise PrumergeError(f"easy-vqa: unknown split {split!r}; choose 'train' or 'test'")
+
+
 @register_benchmark(
     "easy-vqa",
     metric="exact_match",
@@ -356,20 +376,7 @@ def _load_easy_vqa(root: Path | None, *, split: str = "test") -> Iterator[Sample
     Options:
         split: "test" (default, 9,673 questions) or "train" (38,575).
     """
-    try:
-        import easy_vqa
-    except ImportError:
-        raise PrumergeError(
-            "easy-vqa: the easy-vqa package is not installed (pip install easy-vqa)"
-        ) from None
-    if split == "test":
-        questions, answers, image_ids = easy_vqa.get_test_questions()
-        image_paths = easy_vqa.get_test_image_paths()
-    elif split == "train":
-        questions, answers, image_ids = easy_vqa.get_train_questions()
-        image_paths = easy_vqa.get_train_image_paths()
-    else:
-        raise PrumergeError(f"easy-vqa: unknown split {split!r}; choose 'train' or 'test'")
+    questions, answers, image_ids, image_paths = easy_vqa_split(split)
     for index, (question, answer, image_id) in enumerate(
         zip(questions, answers, image_ids, strict=True)
     ):

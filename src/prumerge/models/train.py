@@ -96,18 +96,9 @@ def load_easy_vqa(split: str) -> tuple[list[int], dict[int, list[tuple[str, str]
         `(image_ids, turns, paths)`: image ids sorted ascending; for each id its (question,
         answer) pairs in the dataset's order; for each id the PNG path.
     """
-    try:
-        import easy_vqa
-    except ImportError as exc:
-        raise PrumergeError("training needs easy-vqa (pip install easy-vqa==1.0)") from exc
-    if split == "train":
-        questions, answers, ids = easy_vqa.get_train_questions()
-        paths = easy_vqa.get_train_image_paths()
-    elif split == "test":
-        questions, answers, ids = easy_vqa.get_test_questions()
-        paths = easy_vqa.get_test_image_paths()
-    else:
-        raise PrumergeError(f"unknown easy-vqa split {split!r}")
+    from prumerge.eval.datasets import easy_vqa_split
+
+    questions, answers, ids, paths = easy_vqa_split(split)
     turns: dict[int, list[tuple[str, str]]] = {}
     for question, answer, image_id in zip(questions, answers, ids, strict=True):
         turns.setdefault(int(image_id), []).append((question, answer))
