@@ -66,3 +66,24 @@ def test_question_types_and_answer_normalisation():
     assert normalize_answer(" Yes.") == "yes"
     assert normalize_answer("Circle!\n") == "circle"
     assert normalize_answer("") == ""
+
+
+def test_isolation_mask_by_hand():
+    from prumerge.models.train import isolation_mask
+
+    # prefix (0, 0), turn 1 (two tokens), turn 2 (one token), padding (-1)
+    segments = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],  # turn 2 sees the prefix and itself, not turn 1
+            [0, 0, 0, 0, 0, 1],  # padding sees only itself (no empty softmax row)
+        ],
+        dtype=torch.bool,
+    )
+    mask = isolation_mask(segments)
+    assert mask.shape == (1, 1, 6, 6)
+    assert torch.equal(mask[0, 0], expected)

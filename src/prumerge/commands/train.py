@@ -62,6 +62,31 @@ def register(subparsers) -> None:
         help="stop training after this many minutes of steps (recorded in the report)",
     )
     p.add_argument(
+        "--packing",
+        choices=("isolated", "chat"),
+        default=d.packing,
+        help="isolated: each question sees the image and itself only (default); chat: a "
+        "multi-turn chat in which later questions see earlier answers",
+    )
+    p.add_argument(
+        "--instruction-rate",
+        type=float,
+        default=d.instruction_rate,
+        help="fraction of questions given LLaVA's short-answer instruction (default: 0)",
+    )
+    p.add_argument(
+        "--synth-scenes",
+        type=int,
+        default=d.synth_scenes,
+        help="generated multi-object training scenes to mix in (default: none)",
+    )
+    p.add_argument(
+        "--synth-per-batch",
+        type=int,
+        default=d.synth_per_batch,
+        help="generated scenes per step, added to --batch-size easy-vqa images",
+    )
+    p.add_argument(
         "--install",
         action="store_true",
         help="copy the final projector and report into the package's weights folder",
@@ -80,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
             raise PrumergeError(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0:
         raise PrumergeError("--lr must be positive")
+    if not 0.0 <= args.instruction_rate <= 1.0:
+        raise PrumergeError("--instruction-rate must be between 0 and 1")
+    if args.synth_scenes < 0 or args.synth_per_batch < 0:
+        raise PrumergeError("--synth-scenes and --synth-per-batch must not be negative")
+    if (args.synth_scenes > 0) != (args.synth_per_batch > 0):
+        raise PrumergeError("give both --synth-scenes and --synth-per-batch, or neither")
     if args.init_projector is not None and not os.path.isfile(args.init_projector):
         raise PrumergeError(f"--init-projector: no such file: {args.init_projector}")
     if args.eval_only:
@@ -106,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
         train_dtype=args.train_dtype,
         init_projector=args.init_projector,
         time_budget_min=args.time_budget_min,
+        packing=args.packing,
+        instruction_rate=args.instruction_rate,
+        synth_scenes=args.synth_scenes,
+        synth_per_batch=args.synth_per_batch,
         install=args.install,
         command="prumerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

@@ -5,10 +5,21 @@ the vision tower is frozen, its penultimate-layer patch features (what LLaVA's
 `get_image_features` feeds the projector with `vision_feature_layer=-2` and the "default"
 strategy) are computed once per image and cached under the output directory.
 
-Each training sequence is one image with all of its question-answer turns packed into a
-multi-turn chat, as LLaVA does: the image goes with the first question, and the loss covers only
-the answers (and the `<|im_end|>` that ends each). The LM head runs only at answer positions,
-which saves most of its 49k-wide matmul.
+Each training sequence is one image with all of its question-answer turns packed together, as
+LLaVA does, and the loss covers only the answers (and the `<|im_end|>` that ends each). The LM
+head runs only at answer positions, which saves most of its 49k-wide matmul.
+
+Packing is "isolated" by default: the image prefix is shared, and every turn is its own
+single-question prompt that attends to the prefix and to itself only, at the positions it
+would have on its own (a block mask and restarted position ids). A plain multi-turn chat
+("chat" packing, the first recipe) lets later questions read earlier answers: easy-vqa asks
+"what color is the shape?" and then "is there a red shape?" about the same image, so the model
+learns to answer yes/no from the text and not from the image, and its training loss says
+little about single-question accuracy.
+
+Besides easy-vqa's training split, runs can mix in scenes of the generated multi-object
+benchmark (`prumerge.eval.synth`, train split), so that the model has seen more than one
+large shape.
 
 The run checkpoints atomically every few steps and resumes from the last checkpoint; its
 config, per-step metrics and final evaluation are written as JSON. The final evaluation is
@@ -18,6 +29,7 @@ greedy-decoding exact match on easy-vqa's test split with all visual tokens, by 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -69,6 +81,14 @@ class TrainConfig:
     # AVX512-BF16. The projector always trains in float32 and is evaluated in float32.
     train_dtype: str = "float32"
     time_budget_min: float | None = None  # stop training early past this many minutes
+    # "isolated": each turn sees the image prefix and itself only; "chat": a plain multi-turn
+    # chat in which later turns see earlier answers (the first recipe; kept for reproduction).
+    packing: str = "isolated"
+    # Fraction of turns whose question carries LLaVA's short-answer instruction (the eval
+    # harness adds it; `prumerge ask` does not), so the model answers both prompt forms.
+    instruction_rate: float = 0.0
+    synth_scenes: int = 0  # generated training scenes to mix in (prumerge.eval.synth)
+    synth_per_batch: int = 0  # of them, per step, on top of `batch_size` easy-vqa images
     install: bool = False  # copy the final projector into the package's weights folder
     command: str = field(default="", compare=False)
 
@@ -107,14 +127,14 @@ def load_easy_vqa(split: str) -> tuple[list[int], dict[int, list[tuple[str, str]
 
 @torch.no_grad()
 def compute_patch_features(
-    model, processor, paths: Sequence[str], batch_size: int = 16, desc: str = "features"
+    model, processor, paths: Sequence[Any], batch_size: int = 16, desc: str = "features"
 ) -> torch.Tensor:
     """Projector inputs for a list of images, exactly as LLaVA's forward computes them.
 
     Args:
         model: the default `LlavaForConditionalGeneration`.
         processor: its processor.
-        paths: image files.
+        paths: image files, or PIL images.
         batch_size: images per vision forward.
 
     Returns:
@@ -128,7 +148,10 @@ def compute_patch_features(
     chunks = []
     start = time.time()
     for i in range(0, len(paths), batch_size):
-        images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
+        images = [
+            (p if isinstance(p, Image.Image) else Image.open(p)).convert("RGB")
+            for p in paths[i : i + batch_size]
+        ]
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         hidden = tower(pixels.to(tower.dtype), output_hidden_states=True).hidden_states[layer]
         chunks.append(hidden[:, 1:].float())  # (B, N, C), CLS dropped
@@ -193,6 +216,79 @@ def encode_conversation(
     ids = ids[:where] + [image_id] * num_image_tokens + ids[where + 1 :]
     labels = labels[:where] + [IGNORE] * num_image_tokens + labels[where + 1 :]
     return torch.tensor(ids), torch.tensor(labels)
+
+
+def encode_isolated_turns(
+    processor, turns: Sequence[tuple[str, str]], num_image_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One packed training sequence whose turns cannot see each other.
+
+    Every turn is tokenised as its own single-question prompt, `format_prompt(question)`
+    followed by "answer<|im_end|>". The prompts of one image share their prefix up to and
+    including the `<image>` placeholders; that prefix is stored once, followed by each turn's
+    remaining tokens. Turn k's tokens get segment k + 1 (the prefix has segment 0) and the
+    positions they have in their own prompt, so with `isolation_mask` every answer token is
+    predicted exactly as it would be for that question alone.
+
+    Args:
+        processor: the default model's processor.
+        turns: (question, answer) pairs about one image.
+        num_image_tokens: placeholders the `<image>` token expands to.
+
+    Returns:
+        `(input_ids, labels, position_ids, segments)`, each (L,) int64; labels are -100
+        except on answer tokens.
+    """
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prefix: list[int] | None = None
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    segments: list[int] = []
+    for k, (question, answer) in enumerate(turns):
+        prompt = format_prompt(processor, question)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(prompt + answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        if full_ids[: len(prompt_ids)] != prompt_ids or full_ids[-1] != eos:
+            raise RuntimeError("the answer does not tokenise separately from its prompt")
+        where = prompt_ids.index(image_id)
+        if prefix is None:
+            prefix = prompt_ids[:where] + [image_id] * num_image_tokens
+            ids += prefix
+            labels += [IGNORE] * len(prefix)
+            positions += list(range(len(prefix)))
+            segments += [0] * len(prefix)
+        elif prompt_ids[:where] != prefix[:where]:
+            raise RuntimeError("the prompts of one image do not share their prefix")
+        rest = full_ids[where + 1 :]
+        answer_start = len(prompt_ids) - (where + 1)
+        ids += rest
+        labels += [IGNORE] * answer_start + rest[answer_start:]
+        positions += list(range(len(prefix), len(prefix) + len(rest)))
+        segments += [k + 1] * len(rest)
+    return torch.tensor(ids), torch.tensor(labels), torch.tensor(positions), torch.tensor(segments)
+
+
+def isolation_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask (True = may attend) for sequences packed by
+    `encode_isolated_turns`.
+
+    Args:
+        segments: (B, L) int64; 0 for the shared prefix, k >= 1 for turn k, -1 for padding.
+
+    Returns:
+        (B, 1, L, L) bool: query i sees key j <= i when j is in the prefix or in i's own
+        turn. Padding queries see only themselves (no empty rows, so no NaN).
+    """
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    query = segments.unsqueeze(2)  # (B, L, 1)
+    key = segments.unsqueeze(1)  # (B, 1, L)
+    allowed = causal & ((key == 0) | (key == query)) & (key >= 0) & (query >= 0)
+    allowed |= torch.eye(length, dtype=torch.bool)
+    return allowed.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +379,8 @@ def projector_loss(
     features: torch.Tensor,
     input_ids: Sequence[torch.Tensor],
     labels: Sequence[torch.Tensor],
+    position_ids: Sequence[torch.Tensor] | None = None,
+    segments: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over answer tokens for a batch of packed sequences.
 
@@ -292,6 +390,8 @@ def projector_loss(
         features: (B, N, C_vision) projector inputs.
         input_ids: B tensors of shape (L_b,), each with N image placeholders.
         labels: B tensors (L_b,), -100 outside answers.
+        position_ids, segments: for "isolated" packing, B tensors (L_b,) from
+            `encode_isolated_turns`; None for a plain causal chat.
 
     Returns:
         `(loss, num_answer_tokens)`.
@@ -307,11 +407,22 @@ def projector_loss(
         ids[b, : len(x)] = x
         lab[b, : len(y)] = y
         mask[b, : len(x)] = 1
+    extra: dict[str, torch.Tensor] = {}
+    if segments is not None:
+        if position_ids is None:
+            raise ValueError("isolated packing needs position_ids with its segments")
+        seg = torch.full((batch, max_len), -1, dtype=torch.long)
+        pos = torch.zeros((batch, max_len), dtype=torch.long)
+        for b, (p, g) in enumerate(zip(position_ids, segments, strict=True)):
+            pos[b, : len(p)] = p
+            seg[b, : len(g)] = g
+        extra = {"position_ids": pos}
+        mask = isolation_mask(seg)
     image_features = projector(features)  # (B, N, C_text)
     embeds = lm.embed_tokens(ids)  # (B, L, C_text)
     image_mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, C_text)
+    hidden = lm(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state  # (B, L, C)
     # Position t predicts token t+1; run the LM head only where that token is an answer token.
     target = lab[:, 1:]
     keep = target != IGNORE
@@ -366,24 +477,44 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     model.model.language_model.to(train_dtype)
     model.lm_head.to(train_dtype)
 
+    if cfg.packing not in ("isolated", "chat"):
+        raise PrumergeError(f"unknown packing {cfg.packing!r}; choose 'isolated' or 'chat'")
+    if not 0.0 <= cfg.instruction_rate <= 1.0:
+        raise PrumergeError("instruction_rate must be in [0, 1]")
+    if (cfg.synth_scenes > 0) != (cfg.synth_per_batch > 0):
+        raise PrumergeError("give both synth_scenes and synth_per_batch, or neither")
+
     train_ids, train_turns, train_paths = load_easy_vqa("train")
     if cfg.train_images is not None:
         train_ids = train_ids[: cfg.train_images]
+    # Training items: (image, turns), easy-vqa first, then generated scenes. An image is a
+    # file path or a zero-argument callable that draws it.
+    items: list[tuple[Any, list[tuple[str, str]]]] = [
+        (train_paths[i], list(train_turns[i])) for i in train_ids
+    ]
+    num_easy = len(items)
+    if cfg.synth_scenes > 0:
+        from prumerge.eval import synth
+
+        for scene in synth.generate(cfg.synth_scenes, split="train", seed=cfg.seed):
+            draw = functools.partial(synth.render, scene.objects, scene.config)
+            items.append((draw, [(q.question, q.answer) for q in scene.questions]))
     # Projector inputs are computed when a batch first needs them and kept in memory: a short
-    # run sees only part of the 4,000 images, and the vision tower costs little next to the LLM.
+    # run sees only part of the images, and the vision tower costs little next to the LLM.
     feature_memo: dict[int, torch.Tensor] = {}
 
     def features_for(index: Sequence[int]) -> torch.Tensor:
         missing = [i for i in index if i not in feature_memo]
         if missing:
-            computed = compute_patch_features(
-                model, processor, [train_paths[train_ids[i]] for i in missing], desc="features"
-            )
+            images = [
+                items[i][0] if isinstance(items[i][0], str) else items[i][0]() for i in missing
+            ]
+            computed = compute_patch_features(model, processor, images, desc="features")
             feature_memo.update(zip(missing, computed, strict=True))
         return torch.stack([feature_memo[i] for i in index])
 
     # Per-channel statistics from a fixed sample (the first images by id) for standardisation.
-    stats_images = min(cfg.stats_images, len(train_ids))
+    stats_images = min(cfg.stats_images, num_easy)
     sample = features_for(list(range(stats_images))).flatten(0, 1)  # (n * N, C)
     trainable = StandardizedProjector(projector, sample.mean(0), sample.std(0).clamp_min(1e-6))
     _log(f"feature statistics from {stats_images} images")
@@ -393,16 +524,37 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
         trainable.load_folded(load_projector_state(cfg.init_projector))
         _log(f"projector initialised from {cfg.init_projector}")
 
-    # Each image's turns in a fixed shuffled order, so "is there a red shape?" is not always
-    # the turn that sits right after the image.
+    # Each image's turns in a fixed shuffled order (for "chat" packing, so that "is there a red
+    # shape?" is not always the turn right after the image); each question carries the
+    # short-answer instruction with probability `instruction_rate`.
+    from prumerge.eval.datasets import SHORT_ANSWER
+
     rng = random.Random(cfg.seed)
-    sequences = []
-    for image_id in train_ids:
-        turns = list(train_turns[image_id])
+    sequences: list[tuple[torch.Tensor, ...]] = []
+    for _image, item_turns in items:
+        turns = list(item_turns)
         rng.shuffle(turns)
-        sequences.append(encode_conversation(processor, turns, num_image_tokens))
-    lengths = [len(x) for x, _ in sequences]
-    _log(f"{len(sequences)} sequences, mean length {sum(lengths) / len(lengths):.0f} tokens")
+        turns = [
+            (q + SHORT_ANSWER if rng.random() < cfg.instruction_rate else q, a) for q, a in turns
+        ]
+        if cfg.packing == "isolated":
+            sequences.append(encode_isolated_turns(processor, turns, num_image_tokens))
+        else:
+            sequences.append(encode_conversation(processor, turns, num_image_tokens))
+    lengths = [len(x[0]) for x in sequences]
+    _log(
+        f"{num_easy} easy-vqa + {len(items) - num_easy} synth sequences ({cfg.packing} packing), "
+        f"mean length {sum(lengths) / len(lengths):.0f} tokens"
+    )
+
+    def batch_at(step: int) -> list[int]:
+        index = batch_order(num_easy, cfg.batch_size, step, cfg.seed)
+        if cfg.synth_per_batch > 0:
+            synth_index = batch_order(
+                len(items) - num_easy, cfg.synth_per_batch, step, cfg.seed + 1
+            )
+            index += [num_easy + i for i in synth_index]
+        return index
 
     optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
@@ -438,7 +590,7 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
             stopped_early = True
             break
         t0 = time.time()
-        index = batch_order(len(sequences), cfg.batch_size, step, cfg.seed)
+        index = batch_at(step)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -448,6 +600,11 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
             features_for(index),
             [sequences[i][0] for i in index],
             [sequences[i][1] for i in index],
+            *(
+                ([sequences[i][2] for i in index], [sequences[i][3] for i in index])
+                if cfg.packing == "isolated"
+                else ()
+            ),
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
