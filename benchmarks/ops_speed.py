@@ -2,10 +2,12 @@
 
 Prints, measured side by side in one run with warm-up and interleaved repetitions, at
 LLaVA-1.5 shapes (N=576 patches, C=1024) for B=1 and B=16:
-  * the batched op vs two loops over rows x kept tokens that compute the same result:
-    "released-style loop" rebuilds the other-token tensors for every kept token, as the
-    released code does; "loop" is the same loop written tightly (precomputed tensors, one
-    product per token), the best a loop can do. Each with its max difference to the op;
+  * the batched op vs three loops that compute the same result: "test reference" is the
+    slow per-token transcription of the paper that the tests check the op against (float64,
+    Python loops over tokens); "released-style loop" loops over rows x kept tokens and
+    rebuilds the other-token tensors for every kept token, as the released code does;
+    "loop" is that loop written tightly (precomputed tensors, one product per token), the
+    best a loop can do. Each with its max difference to the op;
   * the op's time as a fraction of one forward pass of a ViT-L/14-336-shaped CLIP encoder
     (random weights) at B=1.
 
@@ -25,9 +27,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.ops.reference import prumerge_loop, prumerge_released_loop  # noqa: E402
+from tests.ops.reference import (  # noqa: E402
+    prumerge_loop,
+    prumerge_released_loop,
+    prumerge_row,
+)
 
 from prumerge.ops import cls_attention, prumerge  # noqa: E402
+
+
+def prumerge_reference(tokens, keys, attn) -> list[torch.Tensor]:
+    """The tests' slow reference (`tests/ops/reference.py`), row by row: the per-token
+    transcription of the paper's description that the batched op is checked against, in
+    float64 with Python loops over tokens."""
+    return [prumerge_row(tokens[b], keys[b], attn[b])[0] for b in range(tokens.shape[0])]
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -88,7 +101,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     num_patches, width, heads = 576, 1024, 16  # CLIP ViT-L/14 at 336 px
-    loops = {"loop": prumerge_loop, "released-style loop": prumerge_released_loop}
+    loops = {
+        "loop": prumerge_loop,
+        "released-style loop": prumerge_released_loop,
+        "test reference": prumerge_reference,
+    }
     report: dict[str, dict[str, float]] = {}
 
     for batch in (1, 16):
@@ -101,7 +118,8 @@ def main() -> None:
         for name, loop in loops.items():
             slow = loop(tokens, keys, attn)
             row[f"{name} max_abs_diff"] = max(
-                (a - b).abs().max().item() for a, b in zip(fast.unpad(), slow, strict=True)
+                (a.double() - b.double()).abs().max().item()
+                for a, b in zip(fast.unpad(), slow, strict=True)
             )
             candidates[name] = partial(loop, tokens, keys, attn)
         rounds = interleaved(candidates, args.repeats)

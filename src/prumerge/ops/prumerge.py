@@ -149,6 +149,10 @@ def prumerge(
     max_keep = int(n_keep.max())
     kept_index = by_slot[:, :max_keep]  # (B, K)
     valid = torch.arange(max_keep, device=device)[None, :] < n_keep[:, None]  # (B, K)
+    # Padding slots (rows keeping fewer than K) stand in for slot 0's patch, so that their
+    # similarity rows copy slot 0's: they never win the assignment argmax below and add no
+    # artificial ties to the top-k. They are zeroed at the end.
+    kept_index = torch.where(valid, kept_index, kept_index[:, :1])
     kept = feats.gather(1, kept_index[..., None].expand(-1, -1, width))  # (B, K, C)
 
     # 3. Token supplement: key similarity of every kept token to every patch.
@@ -159,9 +163,16 @@ def prumerge(
         keys_f.transpose(1, 2)
     )  # (B, K, N)
     similarity = similarity / (norms.gather(1, kept_index)[..., None] * norms[:, None, :])
+    # Which output slot stands for each patch: itself if kept, else the most key-similar
+    # kept token of its row (for pictures of the merge).
+    assignment = similarity.argmax(dim=1)  # (B, N), first maximum: the lower slot
+    own_slot = inverse_permutation(by_slot)
+    assignment = torch.where(selected, own_slot, assignment)
+    index = torch.where(valid, kept_index, torch.full_like(kept_index, -1))
+
     neighbours = min(knn, num - 1)
     if merge != "none" and neighbours > 0:
-        others = similarity.scatter(2, kept_index[..., None], float("-inf"))  # exclude self
+        others = similarity.scatter_(2, kept_index[..., None], float("-inf"))  # exclude self
         nearest = topk_lowest_index_ties(others, neighbours)  # (B, K, k)
         weight = attn[:, None, :].expand(-1, max_keep, -1).gather(2, nearest)  # (B, K, k)
         # sum_j a_j x_j over each token's k neighbours, without a dense (B, K, N) product:
@@ -182,14 +193,6 @@ def prumerge(
         reduced = (n_keep < num)[:, None, None]  # rows that keep everything stay unmerged
         kept = torch.where(reduced, merged, kept)
     kept = kept * valid[..., None]
-
-    # Which output slot stands for each patch: itself if kept, else the most key-similar
-    # kept token of its row (for pictures of the merge).
-    assign_score = similarity.masked_fill(~valid[..., None], float("-inf"))
-    assignment = assign_score.argmax(dim=1)  # (B, N)
-    own_slot = inverse_permutation(by_slot)
-    assignment = torch.where(selected, own_slot, assignment)
-    index = torch.where(valid, kept_index, torch.full_like(kept_index, -1))
 
     # 4. Supplement token, placed right after each row's kept tokens.
     lengths = n_keep + with_supplement.long()

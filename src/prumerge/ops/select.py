@@ -146,7 +146,13 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         (..., k) int64 indices in increasing index order (a set, not ranked by score).
     """
-    threshold = scores.topk(k, dim=-1).values[..., -1:]  # (..., 1)
+    values, index = scores.topk(k, dim=-1)
+    threshold = values[..., -1:]  # (..., 1)
+    # Fast path: when exactly k scores reach the threshold, no tie straddles the cut and
+    # topk's indices are the answer (real-valued similarities almost never tie).
+    reach = (scores >= threshold).sum(dim=-1)
+    if bool((reach == k).all()):
+        return index.sort(dim=-1).values
     above = scores > threshold
     tied = scores == threshold
     need = k - above.sum(dim=-1, keepdim=True)
