@@ -77,3 +77,16 @@ def test_topk_lowest_index_ties_matches_a_stable_sort():
         expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
         got = topk_lowest_index_ties(scores, k)
         assert torch.equal(got, expected.sort(dim=-1).values)
+
+
+def test_topk_lowest_index_ties_fast_path_and_mixed_rows():
+    from prumerge.ops.select import topk_lowest_index_ties
+
+    gen = torch.Generator().manual_seed(1)
+    distinct = torch.randn(4, 6, 50, generator=gen)  # no ties: topk's own indices
+    tied = torch.randint(0, 3, (4, 6, 50), generator=gen).float()
+    mixed = torch.cat([distinct, tied], dim=0)  # one batch, some rows tied, some not
+    for scores in (distinct, mixed):
+        for k in (1, 9, 49):
+            expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+            assert torch.equal(topk_lowest_index_ties(scores, k), expected.sort(dim=-1).values)
