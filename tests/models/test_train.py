@@ -87,3 +87,23 @@ def test_isolation_mask_by_hand():
     mask = isolation_mask(segments)
     assert mask.shape == (1, 1, 6, 6)
     assert torch.equal(mask[0, 0], expected)
+
+
+def test_negation_and_balanced_yes_no_rates():
+    from prumerge.models.train import balanced_keep_rates, is_negated
+
+    assert is_negated("is there not a circle?")
+    assert is_negated("is no red shape present?")
+    assert is_negated("Doesn't the image contain a circle?")
+    assert not is_negated("is there a circle?")
+    assert not is_negated("is there a red shape in the image?")
+    questions = ["is there a circle?"] * 8 + ["is there not a circle?"] * 6 + ["what shape?"]
+    answers = ["no"] * 6 + ["yes"] * 2 + ["yes"] * 3 + ["no"] * 3 + ["circle"]
+    rates = balanced_keep_rates(questions, answers)
+    # plain: 6 no, 2 yes -> keep a third of the no's; negated: 3 and 3 -> keep all.
+    assert rates == {
+        (False, "yes"): 1.0,
+        (False, "no"): pytest.approx(2 / 6),
+        (True, "yes"): 1.0,
+        (True, "no"): 1.0,
+    }

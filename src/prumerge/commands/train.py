@@ -75,6 +75,12 @@ def register(subparsers) -> None:
         help="fraction of questions given LLaVA's short-answer instruction (default: 0)",
     )
     p.add_argument(
+        "--balance-yes-no",
+        action="store_true",
+        help="subsample easy-vqa's yes/no questions so that yes and no are equally frequent "
+        "among plain and among negated questions",
+    )
+    p.add_argument(
         "--synth-scenes",
         type=int,
         default=d.synth_scenes,
@@ -139,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget_min,
         packing=args.packing,
         instruction_rate=args.instruction_rate,
+        balance_yes_no=args.balance_yes_no,
         synth_scenes=args.synth_scenes,
         synth_per_batch=args.synth_per_batch,
         install=args.install,

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +88,10 @@ class TrainConfig:
     # Fraction of turns whose question carries LLaVA's short-answer instruction (the eval
     # harness adds it; `prumerge ask` does not), so the model answers both prompt forms.
     instruction_rate: float = 0.0
+    # Subsample easy-vqa's yes/no turns so that "yes" and "no" are equally frequent among
+    # plain and among negated questions. easy-vqa's are 82% "no" for plain questions and 82%
+    # "yes" for negated ones, a prior a frozen LLM learns instead of looking at the image.
+    balance_yes_no: bool = False
     synth_scenes: int = 0  # generated training scenes to mix in (prumerge.eval.synth)
     synth_per_batch: int = 0  # of them, per step, on top of `batch_size` easy-vqa images
     install: bool = False  # copy the final projector into the package's weights folder
@@ -104,6 +109,33 @@ def question_type(answer: str) -> str:
     if answer in ("circle", "rectangle", "triangle"):
         return "shape"
     return "color"
+
+
+_NEGATION = re.compile(r"\b(not|no)\b|n't")
+
+
+def is_negated(question: str) -> bool:
+    """Whether an easy-vqa yes/no question is negated ("is there not a circle?")."""
+    return _NEGATION.search(question.lower()) is not None
+
+
+def balanced_keep_rates(
+    questions: Sequence[str], answers: Sequence[str]
+) -> dict[tuple[bool, str], float]:
+    """Keep probability per (negated, answer) cell of yes/no questions that equalises "yes"
+    and "no" within plain and within negated questions (the minority answer keeps all)."""
+    counts: dict[tuple[bool, str], int] = {}
+    for question, answer in zip(questions, answers, strict=True):
+        if answer in ("yes", "no"):
+            cell = (is_negated(question), answer)
+            counts[cell] = counts.get(cell, 0) + 1
+    rates = {}
+    for negated in (False, True):
+        yes, no = counts.get((negated, "yes"), 0), counts.get((negated, "no"), 0)
+        least = min(yes, no)
+        rates[(negated, "yes")] = least / yes if yes else 1.0
+        rates[(negated, "no")] = least / no if no else 1.0
+    return rates
 
 
 def load_easy_vqa(split: str) -> tuple[list[int], dict[int, list[tuple[str, str]]], dict[int, str]]:
@@ -530,9 +562,20 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     from prumerge.eval.datasets import SHORT_ANSWER
 
     rng = random.Random(cfg.seed)
+    rates: dict[tuple[bool, str], float] = {}
+    if cfg.balance_yes_no:
+        all_turns = [t for _image, item_turns in items[:num_easy] for t in item_turns]
+        rates = balanced_keep_rates([q for q, _ in all_turns], [a for _, a in all_turns])
+        _log("yes/no keep rates: " + ", ".join(f"{k}: {v:.3f}" for k, v in rates.items()))
     sequences: list[tuple[torch.Tensor, ...]] = []
-    for _image, item_turns in items:
+    for position, (_image, item_turns) in enumerate(items):
         turns = list(item_turns)
+        if rates and position < num_easy:
+            turns = [
+                (q, a)
+                for q, a in turns
+                if a not in ("yes", "no") or rng.random() < rates[(is_negated(q), a)]
+            ]
         rng.shuffle(turns)
         turns = [
             (q + SHORT_ANSWER if rng.random() < cfg.instruction_rate else q, a) for q, a in turns
