@@ -111,12 +111,6 @@ def run(args: argparse.Namespace) -> int:
             raise PrumergeError(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0:
         raise PrumergeError("--lr must be positive")
-    if not 0.0 <= args.instruction_rate <= 1.0:
-        raise PrumergeError("--instruction-rate must be between 0 and 1")
-    if args.synth_scenes < 0 or args.synth_per_batch < 0:
-        raise PrumergeError("--synth-scenes and --synth-per-batch must not be negative")
-    if (args.synth_scenes > 0) != (args.synth_per_batch > 0):
-        raise PrumergeError("give both --synth-scenes and --synth-per-batch, or neither")
     if args.init_projector is not None and not os.path.isfile(args.init_projector):
         raise PrumergeError(f"--init-projector: no such file: {args.init_projector}")
     if args.eval_only:

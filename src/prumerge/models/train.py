@@ -476,6 +476,15 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     """
     from safetensors.torch import save_file
 
+    if cfg.packing not in ("isolated", "chat"):
+        raise PrumergeError(f"unknown packing {cfg.packing!r}; choose 'isolated' or 'chat'")
+    if not 0.0 <= cfg.instruction_rate <= 1.0:
+        raise PrumergeError("--instruction-rate must be between 0 and 1")
+    if cfg.synth_scenes < 0 or cfg.synth_per_batch < 0:
+        raise PrumergeError("--synth-scenes and --synth-per-batch must not be negative")
+    if (cfg.synth_scenes > 0) != (cfg.synth_per_batch > 0):
+        raise PrumergeError("give both --synth-scenes and --synth-per-batch, or neither")
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
@@ -508,13 +517,6 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     train_dtype = getattr(torch, cfg.train_dtype)
     model.model.language_model.to(train_dtype)
     model.lm_head.to(train_dtype)
-
-    if cfg.packing not in ("isolated", "chat"):
-        raise PrumergeError(f"unknown packing {cfg.packing!r}; choose 'isolated' or 'chat'")
-    if not 0.0 <= cfg.instruction_rate <= 1.0:
-        raise PrumergeError("instruction_rate must be in [0, 1]")
-    if (cfg.synth_scenes > 0) != (cfg.synth_per_batch > 0):
-        raise PrumergeError("give both synth_scenes and synth_per_batch, or neither")
 
     train_ids, train_turns, train_paths = load_easy_vqa("train")
     if cfg.train_images is not None:
