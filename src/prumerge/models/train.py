@@ -643,13 +643,8 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
             model,
             trainable,
             features_for(index),
-            [sequences[i][0] for i in index],
-            [sequences[i][1] for i in index],
-            *(
-                ([sequences[i][2] for i in index], [sequences[i][3] for i in index])
-                if cfg.packing == "isolated"
-                else ()
-            ),
+            # ids and labels, plus position ids and segments for isolated packing
+            *(list(column) for column in zip(*(sequences[i] for i in index), strict=True)),
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
