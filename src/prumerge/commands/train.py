@@ -41,7 +41,7 @@ def register(subparsers) -> None:
         "--eval-images",
         type=int,
         default=None,
-        help="evaluate on the questions of the first N test images (default: all 1,000)",
+        help="evaluate on the questions of the first N test images (default: all 1,000; 0: train only, no evaluation)",
     )
     p.add_argument(
         "--init-projector",
@@ -109,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "steps", "checkpoint_every", "log_every", "resolution"):
         if getattr(args, name) <= 0:
             raise PrumergeError(f"--{name.replace('_', '-')} must be positive")
+    if args.train_images is not None and args.train_images <= 0:
+        raise PrumergeError("--train-images must be positive")
+    if args.eval_images is not None and args.eval_images < 0:
+        raise PrumergeError("--eval-images must not be negative")
+    if args.eval_only and args.eval_images == 0:
+        raise PrumergeError("--eval-only needs at least one --eval-images")
     if args.lr <= 0:
         raise PrumergeError("--lr must be positive")
     if args.init_projector is not None and not os.path.isfile(args.init_projector):
@@ -146,5 +152,6 @@ def run(args: argparse.Namespace) -> int:
         command="prumerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     report = train_projector(cfg)
-    print(json.dumps(report["eval"]["accuracy"], indent=2))
+    if report["eval"] is not None:
+        print(json.dumps(report["eval"]["accuracy"], indent=2))
     return 0
