@@ -167,9 +167,18 @@ def test_training_sequence_labels_only_answers(default_model):
     assert int((ids == model.config.image_token_id).sum()) == n
 
 
-def test_train_cli_rejects_bad_input(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps must be positive"),
+        (["--train-images", "0"], "--train-images must be positive"),
+        (["--eval-images", "-1"], "--eval-images must not be negative"),
+        (["--eval-only", "--eval-images", "0"], "--eval-only needs at least one --eval-images"),
+    ],
+)
+def test_train_cli_rejects_bad_input(capsys, argv, message):
     from prumerge.cli import main
 
-    assert main(["train", "--steps", "0"]) == 2
+    assert main(["train", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["prumerge: error: --steps must be positive"]
+    assert err == [f"prumerge: error: {message}"]
