@@ -29,6 +29,7 @@ def _tiny_config(output_dir, **changes):
         instruction_rate=0.5,
         synth_scenes=2,
         synth_per_batch=1,
+        prompt_tokens=2,
     )
     return dataclasses.replace(config, **changes)
 
@@ -67,6 +68,16 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+    # The learned prompt embeddings ship in the projector file and load into the model.
+    from prumerge.models.default import PROMPT_KEY, build_default_model, format_prompt
+
+    assert a[PROMPT_KEY].shape == (2, 576)
+    model, processor = build_default_model(projector=a)
+    ids = processor.tokenizer.convert_tokens_to_ids(["<|prompt_0|>", "<|prompt_1|>"])
+    torch.testing.assert_close(model.get_input_embeddings().weight[ids], a[PROMPT_KEY])
+    assert model.generation_config.suppress_tokens == ids
+    assert "user\n<|prompt_0|><|prompt_1|><image>\nwhat?" in format_prompt(processor, "what?")
 
     # A checkpoint of another configuration is never resumed.
     with pytest.raises(PrumergeError, match="different configuration"):

@@ -93,6 +93,19 @@ def register(subparsers) -> None:
         help="generated scenes per step, added to --batch-size easy-vqa images",
     )
     p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=d.prompt_tokens,
+        help="learned prompt embeddings placed before the image and trained with the "
+        "projector (new vocabulary rows; the LLM's weights stay frozen; default: none)",
+    )
+    p.add_argument(
+        "--prompt-lr",
+        type=float,
+        default=d.prompt_lr,
+        help="peak learning rate of the prompt embeddings",
+    )
+    p.add_argument(
         "--install",
         action="store_true",
         help="copy the final projector and report into the package's weights folder",
@@ -148,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         balance_yes_no=args.balance_yes_no,
         synth_scenes=args.synth_scenes,
         synth_per_batch=args.synth_per_batch,
+        prompt_tokens=args.prompt_tokens,
+        prompt_lr=args.prompt_lr,
         install=args.install,
         command="prumerge " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

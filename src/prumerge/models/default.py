@@ -40,20 +40,43 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # Bump when the build recipe changes, so old cache entries are not reused.
 BUILD_FORMAT = 1
 
-# SmolLM2's ChatML format without its default system prompt (which would add ~20 tokens to
-# every prompt), accepting both plain-string and structured content, as LlavaProcessor emits.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
+# Learned prompt embeddings (see `prompt_token_names`) are stored under this key of the
+# projector's safetensors file, as a (K, C_text) tensor.
+PROMPT_KEY = "prompt_embeddings"
+
+
+def prompt_token_names(count: int) -> list[str]:
+    """The K added tokens whose input embeddings are trained with the projector.
+
+    The LLM's pretrained weights stay frozen; like LLaVA's `<im_start>`/`<im_end>`, these are
+    new vocabulary rows. The chat template puts them just before the image, where they act as
+    a learned instruction for reading the visual tokens (a frozen SmolLM2-135M fed the
+    projector's tokens alone learns the answer prior of easy-vqa's yes/no questions instead of
+    comparing the question with the image; see docs/default-model.md).
+    """
+    return [f"<|prompt_{i}|>" for i in range(count)]
+
+
+def make_chat_template(num_prompt_tokens: int = 0) -> str:
+    """SmolLM2's ChatML format without its default system prompt (which would add ~20 tokens to
+    every prompt), accepting both plain-string and structured content, as LlavaProcessor emits.
+    An image part renders as the prompt tokens (if any), then `<image>` and a newline."""
+    image = "".join(prompt_token_names(num_prompt_tokens)) + IMAGE_TOKEN + "\n"
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{ '" + image + "' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = make_chat_template(0)
 
 
 def user_message(question: str, with_image: bool = True) -> dict[str, Any]:
@@ -113,8 +136,12 @@ def shipped_projector_path(resolution: int = DEFAULT_RESOLUTION) -> Path:
     return WEIGHTS_DIR / f"projector-{resolution}.safetensors"
 
 
-def load_language_model():
+def load_language_model(num_prompt_tokens: int = 0):
     """SmolLM2-135M-Instruct (dequantised to float32) and its tokenizer with `<image>` added.
+
+    Args:
+        num_prompt_tokens: also add this many `prompt_token_names` (their rows start as the
+            embeddings of seeded random vocabulary tokens; the caller loads trained ones).
 
     Returns:
         `(LlamaForCausalLM, tokenizer)`; the embedding matrix has one more row, for `<image>`,
@@ -134,15 +161,21 @@ def load_language_model():
     llm.hf_quantizer = None
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     old_rows = llm.get_input_embeddings().weight.shape[0]
+    if num_prompt_tokens:
+        tokenizer.add_tokens(prompt_token_names(num_prompt_tokens), special_tokens=True)
     llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         embed = llm.get_input_embeddings().weight
-        embed[old_rows:] = embed[:old_rows].mean(dim=0, keepdim=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
+        embed[old_rows] = embed[:old_rows].mean(dim=0)
+        if num_prompt_tokens:
+            generator = torch.Generator().manual_seed(0)
+            sample = torch.randint(0, old_rows, (num_prompt_tokens,), generator=generator)
+            embed[old_rows + 1 :] = embed[sample]
+    tokenizer.chat_template = make_chat_template(num_prompt_tokens)
     return llm.eval(), tokenizer
 
 
-def make_processor(tokenizer, resolution: int, patch_size: int):
+def make_processor(tokenizer, resolution: int, patch_size: int, num_prompt_tokens: int = 0):
     """`LlavaProcessor` that resizes straight to `resolution` (no crop), ImageNet mean/std."""
     from transformers import LlavaProcessor
 
@@ -165,7 +198,7 @@ def make_processor(tokenizer, resolution: int, patch_size: int):
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=make_chat_template(num_prompt_tokens),
         image_token=IMAGE_TOKEN,
         # DINOv2 prepends a CLS token, which the "default" strategy drops again.
         num_additional_image_tokens=1,
@@ -173,24 +206,38 @@ def make_processor(tokenizer, resolution: int, patch_size: int):
 
 
 def load_projector_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read projector weights (`linear_1.*`, `linear_2.*`) from a safetensors file."""
+    """Read projector weights (`linear_1.*`, `linear_2.*`, optionally `PROMPT_KEY`) from a
+    safetensors file."""
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def split_projector_state(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """`(projector state dict, prompt embeddings (K, C) or None)` from a shipped state."""
+    state = dict(state)
+    prompt = state.pop(PROMPT_KEY, None)
+    return state, prompt
 
 
 def build_default_model(
     resolution: int = DEFAULT_RESOLUTION,
     projector: str | Path | dict[str, torch.Tensor] | None = "shipped",
     seed: int = 0,
+    num_prompt_tokens: int = 0,
 ):
     """Assemble the default LLaVA in memory from the packaged weights (about 20 s on CPU).
 
     Args:
         resolution: square input size in pixels; a multiple of the patch size (14).
         projector: `"shipped"` for the packaged weights of this resolution, a safetensors path,
-            a state dict, or None for a freshly initialised projector (seeded by `seed`).
+            a state dict, or None for a freshly initialised projector (seeded by `seed`). A
+            state with `PROMPT_KEY` also sets the prompt tokens' embeddings.
         seed: seed for the projector's initialisation when it is not loaded.
+        num_prompt_tokens: prompt tokens to add when `projector` brings none (for training);
+            a loaded state's prompt embeddings decide the count otherwise.
 
     Returns:
         `(model, processor)`: `LlavaForConditionalGeneration` in eval mode (float32, CPU) and
@@ -204,7 +251,21 @@ def build_default_model(
         raise PrumergeError(
             f"resolution {resolution} is not a multiple of the patch size {patch_size}"
         )
-    llm, tokenizer = load_language_model()
+    if isinstance(projector, str) and projector == "shipped":
+        path = shipped_projector_path(resolution)
+        if not path.is_file():
+            raise PrumergeError(
+                f"no trained projector ships for {resolution} px ({path.name}); "
+                "train one with `prumerge train`"
+            )
+        projector = path
+    state, prompt = None, None
+    if projector is not None:
+        loaded = projector if isinstance(projector, dict) else load_projector_state(projector)
+        state, prompt = split_projector_state(loaded)
+        if prompt is not None:
+            num_prompt_tokens = prompt.shape[0]
+    llm, tokenizer = load_language_model(num_prompt_tokens)
     grid = resolution // patch_size
 
     # vision_config.image_size stays at the pre-training size (518 px, a 37 x 37 position grid);
@@ -229,18 +290,16 @@ def build_default_model(
     else:  # pragma: no cover - SmolLM2 ties them
         model.lm_head.load_state_dict(llm.lm_head.state_dict())
 
-    if isinstance(projector, str) and projector == "shipped":
-        path = shipped_projector_path(resolution)
-        if not path.is_file():
-            raise PrumergeError(
-                f"no trained projector ships for {resolution} px ({path.name}); "
-                "train one with `prumerge train`"
-            )
-        projector = path
-    if projector is not None:
-        state = projector if isinstance(projector, dict) else load_projector_state(projector)
+    if state is not None:
         model.model.multi_modal_projector.load_state_dict(state, strict=True)
-    processor = make_processor(tokenizer, resolution, patch_size)
+    if num_prompt_tokens:
+        ids = tokenizer.convert_tokens_to_ids(prompt_token_names(num_prompt_tokens))
+        if prompt is not None:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[ids] = prompt.to(torch.float32)
+        # The rows are tied to the LM head; a prompt token is never a valid output.
+        model.generation_config.suppress_tokens = list(ids)
+    processor = make_processor(tokenizer, resolution, patch_size, num_prompt_tokens)
     return model.eval(), processor
 
 

@@ -49,9 +49,11 @@ import torch.nn.functional as F
 from prumerge.errors import PrumergeError
 from prumerge.models.default import (
     DEFAULT_RESOLUTION,
+    PROMPT_KEY,
     build_default_model,
     format_prompt,
     normalize_answer,
+    prompt_token_names,
     user_message,
 )
 
@@ -94,6 +96,10 @@ class TrainConfig:
     balance_yes_no: bool = False
     synth_scenes: int = 0  # generated training scenes to mix in (prumerge.eval.synth)
     synth_per_batch: int = 0  # of them, per step, on top of `batch_size` easy-vqa images
+    # Learned prompt embeddings placed before the image (`prompt_token_names`), trained with
+    # the projector at their own peak learning rate; 0: none (the LLaVA-1.5 prompt).
+    prompt_tokens: int = 0
+    prompt_lr: float = 1e-2
     install: bool = False  # copy the final projector into the package's weights folder
     command: str = field(default="", compare=False)
 
@@ -413,6 +419,7 @@ def projector_loss(
     labels: Sequence[torch.Tensor],
     position_ids: Sequence[torch.Tensor] | None = None,
     segments: Sequence[torch.Tensor] | None = None,
+    prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over answer tokens for a batch of packed sequences.
 
@@ -424,6 +431,8 @@ def projector_loss(
         labels: B tensors (L_b,), -100 outside answers.
         position_ids, segments: for "isolated" packing, B tensors (L_b,) from
             `encode_isolated_turns`; None for a plain causal chat.
+        prompt: `(token_ids (K,), embeddings (K, C_text))`: the trainable embeddings that
+            replace the frozen ones of the prompt tokens; None when there are none.
 
     Returns:
         `(loss, num_answer_tokens)`.
@@ -452,6 +461,13 @@ def projector_loss(
         mask = isolation_mask(seg)
     image_features = projector(features)  # (B, N, C_text)
     embeds = lm.embed_tokens(ids)  # (B, L, C_text)
+    if prompt is not None:
+        prompt_ids, prompt_embeddings = prompt
+        slot = torch.full((embeds.shape[0], max_len), -1, dtype=torch.long)
+        for k, token in enumerate(prompt_ids.tolist()):
+            slot[ids == token] = k
+        learned = prompt_embeddings.to(embeds.dtype)[slot.clamp_min(0)]  # (B, L, C_text)
+        embeds = torch.where((slot >= 0).unsqueeze(-1), learned, embeds)
     image_mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
     hidden = lm(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state  # (B, L, C)
@@ -484,6 +500,8 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
         raise PrumergeError("--synth-scenes and --synth-per-batch must not be negative")
     if (cfg.synth_scenes > 0) != (cfg.synth_per_batch > 0):
         raise PrumergeError("give both --synth-scenes and --synth-per-batch, or neither")
+    if cfg.prompt_tokens < 0 or cfg.prompt_lr <= 0:
+        raise PrumergeError("--prompt-tokens must not be negative and --prompt-lr positive")
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -497,7 +515,9 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file() and config_path.is_file():
         old = json.loads(config_path.read_text())
-        old_comparable = {k: old.get(k) for k in comparable}
+        # Options added since an old run started take their defaults there.
+        defaults = dataclasses.asdict(TrainConfig())
+        old_comparable = {k: old.get(k, defaults[k]) for k in comparable}
         if old_comparable != comparable:
             raise PrumergeError(
                 f"{out} holds a checkpoint of a different configuration; use another --output-dir"
@@ -507,12 +527,21 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     _log(f"building the default model ({cfg.resolution} px, seed {cfg.seed})")
-    model, processor = build_default_model(cfg.resolution, projector=None, seed=cfg.seed)
+    model, processor = build_default_model(
+        cfg.resolution, projector=None, seed=cfg.seed, num_prompt_tokens=cfg.prompt_tokens
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     projector = model.model.multi_modal_projector
     for p in projector.parameters():
         p.requires_grad_(True)
+    prompt: tuple[torch.Tensor, torch.nn.Parameter] | None = None
+    if cfg.prompt_tokens:
+        prompt_ids = torch.tensor(
+            processor.tokenizer.convert_tokens_to_ids(prompt_token_names(cfg.prompt_tokens))
+        )
+        rows = model.get_input_embeddings().weight[prompt_ids].detach().float().clone()
+        prompt = (prompt_ids, torch.nn.Parameter(rows))
     num_image_tokens = model.config.image_seq_length
     train_dtype = getattr(torch, cfg.train_dtype)
     model.model.language_model.to(train_dtype)
@@ -553,9 +582,18 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     trainable = StandardizedProjector(projector, sample.mean(0), sample.std(0).clamp_min(1e-6))
     _log(f"feature statistics from {stats_images} images")
     if cfg.init_projector is not None:
-        from prumerge.models.default import load_projector_state
+        from prumerge.models.default import load_projector_state, split_projector_state
 
-        trainable.load_folded(load_projector_state(cfg.init_projector))
+        init_state, init_prompt = split_projector_state(load_projector_state(cfg.init_projector))
+        trainable.load_folded(init_state)
+        if init_prompt is not None:
+            if prompt is None or init_prompt.shape != prompt[1].shape:
+                raise PrumergeError(
+                    f"{cfg.init_projector} holds {init_prompt.shape[0]} prompt embeddings; "
+                    f"pass --prompt-tokens {init_prompt.shape[0]}"
+                )
+            with torch.no_grad():
+                prompt[1].copy_(init_prompt)
         _log(f"projector initialised from {cfg.init_projector}")
 
     # Each image's turns in a fixed shuffled order (for "chat" packing, so that "is there a red
@@ -601,12 +639,18 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
             index += [num_easy + i for i in synth_index]
         return index
 
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": list(projector.parameters()), "peak": cfg.lr}]
+    if prompt is not None:
+        groups.append({"params": [prompt[1]], "peak": cfg.prompt_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     train_seconds = 0.0
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, weights_only=False)
         projector.load_state_dict(ckpt["projector"])
+        if prompt is not None:
+            with torch.no_grad():
+                prompt[1].copy_(ckpt["prompt"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         train_seconds = ckpt["train_seconds"]
@@ -617,6 +661,7 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
         _atomic_save(
             {
                 "projector": projector.state_dict(),
+                "prompt": None if prompt is None else prompt[1].detach().clone(),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "train_seconds": train_seconds,
@@ -638,17 +683,20 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
         index = batch_at(step)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("peak", cfg.lr) / cfg.lr
         loss, tokens = projector_loss(
             model,
             trainable,
             features_for(index),
             # ids and labels, plus position ids and segments for isolated packing
             *(list(column) for column in zip(*(sequences[i] for i in index), strict=True)),
+            prompt=prompt,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.grad_clip)
+        if prompt is not None:
+            torch.nn.utils.clip_grad_norm_([prompt[1]], cfg.grad_clip)
         optimizer.step()
         step += 1
         dt = time.time() - t0
@@ -678,6 +726,8 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
 
     weights_name = f"projector-{cfg.resolution}.safetensors"
     state = trainable.fold()
+    if prompt is not None:
+        state[PROMPT_KEY] = prompt[1].detach().clone().contiguous()
     save_file(state, str(out / weights_name), metadata={"resolution": str(cfg.resolution)})
     _log(f"trained {step} steps in {train_seconds / 60:.1f} min; wrote {out / weights_name}")
 
@@ -773,6 +823,7 @@ def answer_questions(
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     image_id = model.config.image_token_id
     lm = model.model.language_model
+    suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])
     # transformers 5.x renamed the decoder's `past_key_values` argument to `cache`.
     cache_arg = (
         "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -826,7 +877,10 @@ def answer_questions(
         generated: list[list[int]] = [[] for _ in range(n)]
         done = torch.zeros(n, dtype=torch.bool)
         for _ in range(max_new_tokens):
-            token = model.lm_head(last).argmax(-1)  # (n,)
+            logits = model.lm_head(last)  # (n, V)
+            if suppressed:
+                logits[:, suppressed] = float("-inf")
+            token = logits.argmax(-1)  # (n,)
             for i in range(n):
                 if not done[i]:
                     if token[i].item() == eos:
