@@ -13,12 +13,14 @@ Usage:
   python benchmarks/probes/visual_soft_prompt.py NP STEPS NTEST LR [THREADS [JOINT [NORM_T NORM_L]]]
 
 Runs recorded in issue 4's notes and docs/default-model.md (1 thread each, 30 test images,
-196 yes/no questions; "before" = the shipped model, 85.6-88.6% by always answering the prior):
-  16 400 30 1e-2 1           soft prompt only: chance (49-75%, loss 0.32 ~ ln 2 / 2) at 200 steps
-  16 400 30 1e-2 1 3e-4      soft prompt + projector: 85.6% at 300 steps, 81.4% at 400, with
-                             the minority cells right (plain/yes 12/12, negated/no 16/16)
-  0 400 30 0 1 1e-3 4 1.0    projector + norm penalty, no prompt: chance at 200 steps
-  0 300 30 0 1 3e-4          projector only: stopped at step 80, still at chance (inconclusive)
+196 yes/no questions; the shipped model scores 85.6% on them by answering the prior, plain
+"no" and negated "yes"; accuracy at steps 100 / 200 / 300 / 400):
+  16 400 30 1e-2 1           soft prompt only: 49.5 / 75.3 (plain/yes 4/12, negated/no 0/16),
+                             stopped at 220
+  16 400 30 1e-2 1 3e-4      soft prompt + projector: 52.1 / 61.3 / 85.6 / 81.4; at 400 the
+                             minority cells are right (plain/yes 12/12, negated/no 16/16)
+  0 400 30 0 1 1e-3 4 1.0    projector + norm penalty, no prompt: 46.9 / 46.4, stopped at 220
+  0 300 30 0 1 3e-4          projector only: stopped at step 80 for CPU, loss still at chance
 """
 
 import collections
