@@ -56,6 +56,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     accuracy = straight["eval"]["accuracy"]
     assert set(accuracy) >= {"color", "shape", "yes/no", "all"}
     assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+    cells = straight["eval"]["yes_no_cells"]
+    assert sum(total for _, total in cells.values()) == straight["eval"]["counts"]["yes/no"]
+    assert all(0 <= right <= total for right, total in cells.values())
 
     # A time budget that is spent after the first step interrupts the run there; the same
     # command without it resumes from that checkpoint rather than starting over.

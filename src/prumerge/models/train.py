@@ -920,8 +920,10 @@ def evaluate_easy_vqa(
         batch_images: images per vision forward.
 
     Returns:
-        `{"accuracy": {"all", "yes/no", "color", "shape"}, "counts": {...}, "images": n,
-        "questions": n}`.
+        `{"accuracy": {"all", "yes/no", "color", "shape"}, "counts": {...}, "yes_no_cells":
+        {"plain/no": [right, total], "plain/yes": ..., "negated/no": ..., "negated/yes": ...},
+        "images": n, "questions": n}`. The cells separate vision from easy-vqa's answer prior
+        (plain questions are mostly "no", negated ones mostly "yes").
     """
     from PIL import Image
 
@@ -930,6 +932,9 @@ def evaluate_easy_vqa(
         ids = ids[:max_images]
     correct: dict[str, int] = {}
     total: dict[str, int] = {}
+    cells = {
+        f"{form}/{answer}": [0, 0] for form in ("plain", "negated") for answer in ("no", "yes")
+    }
     start = time.time()
     for i in range(0, len(ids), batch_images):
         chunk = ids[i : i + batch_images]
@@ -938,10 +943,15 @@ def evaluate_easy_vqa(
             model, processor, images, [[q for q, _ in turns[j]] for j in chunk]
         )
         for j, predicted in zip(chunk, answers, strict=True):
-            for (_, truth), guess in zip(turns[j], predicted, strict=True):
+            for (question, truth), guess in zip(turns[j], predicted, strict=True):
                 kind = question_type(truth)
+                right = int(normalize_answer(guess) == truth)
                 total[kind] = total.get(kind, 0) + 1
-                correct[kind] = correct.get(kind, 0) + int(normalize_answer(guess) == truth)
+                correct[kind] = correct.get(kind, 0) + right
+                if kind == "yes/no":
+                    cell = cells[f"{'negated' if is_negated(question) else 'plain'}/{truth}"]
+                    cell[0] += right
+                    cell[1] += 1
         done = min(i + batch_images, len(ids))
         if (i // batch_images) % log_every == 0 or done == len(ids):
             acc = sum(correct.values()) / max(1, sum(total.values()))
@@ -953,6 +963,7 @@ def evaluate_easy_vqa(
     return {
         "accuracy": accuracy,
         "counts": dict(sorted(total.items())),
+        "yes_no_cells": cells,
         "images": len(ids),
         "questions": sum(total.values()),
         "subset": "all test images"
