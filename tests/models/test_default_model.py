@@ -58,11 +58,15 @@ def test_processor_expands_the_image_token(default_model, fixed_questions):
     from PIL import Image
 
     from prumerge.models import format_prompt
+    from prumerge.models.default import prompt_token_names
 
     model, processor = default_model
     path, question, _ = fixed_questions[0]
     prompt = format_prompt(processor, question)
-    assert prompt == f"<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    learned = "".join(prompt_token_names(_shipped_prompt_tokens()))
+    assert prompt == (
+        f"<|im_start|>user\n{learned}<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
     inputs = processor(images=Image.open(path), text=prompt, return_tensors="pt")
     size = processor.image_processor.size["height"]
     assert inputs["pixel_values"].shape == (1, 3, size, size)
@@ -78,8 +82,9 @@ def test_processor_expands_the_image_token(default_model, fixed_questions):
 
 
 def test_text_only_logits_equal_smollm2(default_model):
-    """The LLM inside the LLaVA is SmolLM2 unchanged (through build, save and load)."""
-    from prumerge.models.default import load_language_model
+    """The LLM inside the LLaVA is SmolLM2 unchanged (through build, save and load); the shipped
+    prompt embeddings only add vocabulary rows, which generation never emits."""
+    from prumerge.models.default import load_language_model, prompt_token_names
 
     model, processor = default_model
     llm, tokenizer = load_language_model()
@@ -89,7 +94,23 @@ def test_text_only_logits_equal_smollm2(default_model):
     with torch.no_grad():
         expected = llm(**ids).logits
         got = model(**ids).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    vocab = expected.shape[-1]
+    torch.testing.assert_close(got[..., :vocab], expected, atol=1e-5, rtol=0)
+    added = processor.tokenizer.convert_tokens_to_ids(prompt_token_names(_shipped_prompt_tokens()))
+    assert got.shape[-1] == vocab + len(added)
+    assert list(model.generation_config.suppress_tokens or []) == added
+
+
+def _shipped_prompt_tokens() -> int:
+    from prumerge.models.default import (
+        DEFAULT_RESOLUTION,
+        PROMPT_KEY,
+        load_projector_state,
+        shipped_projector_path,
+    )
+
+    state = load_projector_state(shipped_projector_path(DEFAULT_RESOLUTION))
+    return state[PROMPT_KEY].shape[0] if PROMPT_KEY in state else 0
 
 
 def test_answers_easy_vqa_with_all_tokens(default_model, fixed_questions):
