@@ -41,7 +41,8 @@ def register(subparsers) -> None:
         "--eval-images",
         type=int,
         default=None,
-        help="evaluate on the questions of the first N test images (default: all 1,000; 0: train only, no evaluation)",
+        help="evaluate on the questions of the first N test images (default: all 1,000; "
+        "0: train only, no evaluation)",
     )
     p.add_argument(
         "--init-projector",

@@ -144,9 +144,10 @@ def load_language_model(num_prompt_tokens: int = 0):
             embeddings of seeded random vocabulary tokens; the caller loads trained ones).
 
     Returns:
-        `(LlamaForCausalLM, tokenizer)`; the embedding matrix has one more row, for `<image>`,
+        `(LlamaForCausalLM, tokenizer)`; the embedding matrix has one more row for `<image>`,
         initialised to the mean of the others (its value never reaches the LLM as input, since
-        LLaVA overwrites image positions, but the tied LM head uses it as an output row).
+        LLaVA overwrites image positions, but the tied LM head uses it as an output row), then
+        one row per prompt token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
