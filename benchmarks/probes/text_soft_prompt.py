@@ -22,8 +22,8 @@ import time
 
 import torch
 
+from prumerge.data.easy_vqa import is_negated, load_easy_vqa, question_type
 from prumerge.models.default import load_language_model
-from prumerge.models.train import is_negated, load_easy_vqa, question_type
 
 torch.set_num_threads(2)
 torch.manual_seed(0)

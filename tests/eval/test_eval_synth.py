@@ -8,9 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from prumerge.eval import synth
-from prumerge.eval.datasets import load_benchmark
-from prumerge.eval.synth import (
+from prumerge.data import synth
+from prumerge.data.synth import (
     ANSWER_VOCAB,
     COLORS,
     SHAPES,
@@ -20,6 +19,7 @@ from prumerge.eval.synth import (
     iter_samples,
     write_split,
 )
+from prumerge.eval.datasets import load_benchmark
 
 
 def test_same_arguments_same_scene() -> None:

@@ -284,7 +284,7 @@ def process_results(doc, results):
     "(filelock._api: lmms-eval 0.7.3 needs filelock<4)",
 )
 def test_lmms_eval_command_on_a_local_task(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from prumerge.eval import synth
+    from prumerge.data import synth
 
     data = tmp_path / "data"
     data.mkdir()

@@ -24,7 +24,7 @@ MIN_CORRECT_PRUMERGE_PLUS = 15
 
 @pytest.fixture(scope="module")
 def fixed_questions():
-    from prumerge.models.train import load_easy_vqa, question_type
+    from prumerge.data.easy_vqa import load_easy_vqa, question_type
 
     ids, turns, paths = load_easy_vqa("test")
     chosen = []

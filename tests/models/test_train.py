@@ -54,8 +54,8 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
 
 
 def test_question_types_and_answer_normalisation():
+    from prumerge.data.easy_vqa import question_type
     from prumerge.models import normalize_answer
-    from prumerge.models.train import question_type
 
     assert [question_type(a) for a in ("yes", "no", "circle", "teal")] == [
         "yes/no",
@@ -90,7 +90,7 @@ def test_isolation_mask_by_hand():
 
 
 def test_negation_and_balanced_yes_no_rates():
-    from prumerge.models.train import balanced_keep_rates, is_negated
+    from prumerge.data.easy_vqa import balanced_keep_rates, is_negated
 
     assert is_negated("is there not a circle?")
     assert is_negated("is no red shape present?")

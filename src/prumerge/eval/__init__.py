@@ -3,7 +3,7 @@
 - :mod:`prumerge.eval.metrics`: VQA accuracy, POPE, MME, ScienceQA and exact match, computed
   the way the community's scripts compute them.
 - :mod:`prumerge.eval.datasets`: the benchmark registry and loaders for LLaVA's data formats.
-- :mod:`prumerge.eval.synth`: a seeded, generated benchmark of small coloured shapes.
+- The generated benchmark and easy-vqa live in :mod:`prumerge.data`, which training reads too.
 - :mod:`prumerge.eval.runner`: runs any :class:`~prumerge.eval.runner.Predictor` over a
   benchmark, resumably and data-parallel, and summarises the results.
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from prumerge.data.easy_vqa import easy_vqa_split, question_type
+from prumerge.data.sample import OPTION_ANSWER, SHORT_ANSWER, Sample
 from prumerge.errors import PrumergeError
 
 __all__ = [
@@ -34,56 +34,6 @@ __all__ = [
     "load_benchmark",
     "register_benchmark",
 ]
-
-ImageSource = str | Path | Image.Image | Callable[[], Image.Image]
-
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-"""LLaVA-1.5's instruction for short-answer benchmarks (VQAv2, TextVQA, POPE, MME, GQA)."""
-
-OPTION_ANSWER = "\nAnswer with the option's letter from the given choices directly."
-"""LLaVA-1.5's instruction for multiple-choice benchmarks (ScienceQA, MMBench)."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One evaluation question.
-
-    Attributes:
-        id: Unique within its benchmark; the runner keys predictions by it.
-        image: A path, a PIL image, or a callable that returns one (lazy, for generated data).
-        prompt: The text the model gets with the image: the question and the benchmark's
-            answer instruction, without any image placeholder or chat template.
-        answers: Reference answers (10 for VQAv2/TextVQA, one otherwise); empty when the
-            split has no public answers.
-        task: The benchmark's name.
-        subtask: Its subdivision, for per-subtask scores: the POPE split, the MME subtask,
-            the VQAv2 answer type, the generated benchmark's question type.
-        meta: JSON-serialisable extras the metric needs (``image`` for MME's image pairs,
-            ``num_choices`` for ScienceQA) or that help reading the results (``question``).
-    """
-
-    id: str
-    image: ImageSource
-    prompt: str
-    answers: tuple[str, ...] = ()
-    task: str = ""
-    subtask: str | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-    def load_image(self) -> Image.Image:
-        """The image as an RGB PIL image (opened from disk or drawn, if need be)."""
-        source = self.image
-        if isinstance(source, Image.Image):
-            image = source
-        elif isinstance(source, (str, Path)):
-            try:
-                with Image.open(source) as opened:
-                    image = opened.copy()
-            except OSError as exc:
-                raise PrumergeError(f"cannot read image {source}: {exc}") from exc
-        else:
-            image = source()
-        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -319,7 +269,7 @@ def _load_synth(
     photo_patches: bool = False,
     question_types: list[str] | None = None,
 ) -> Iterator[Sample]:
-    """The generated benchmark (see :mod:`prumerge.eval.synth`).
+    """The generated benchmark (see :mod:`prumerge.data.synth`).
 
     Options:
         n_scenes: Number of scenes (10-11 questions each).
@@ -328,7 +278,7 @@ def _load_synth(
         photo_patches: Add scikit-image photo patches as extra objects.
         question_types: Keep only these question types.
     """
-    from prumerge.eval import synth
+    from prumerge.data import synth
 
     config = synth.SynthConfig(photo_patches=photo_patches)
     try:
@@ -337,29 +287,6 @@ def _load_synth(
         )
     except ValueError as exc:
         raise PrumergeError(f"synth: {exc}") from None
-
-
-_EASY_VQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
-
-
-def easy_vqa_split(split: str) -> tuple[list[str], list[str], list[int], list[str]]:
-    """easy-vqa's ``(questions, answers, image_ids, image_paths)`` for "train" or "test".
-
-    The one place that reads the installed package; training uses it too.
-    """
-    try:
-        import easy_vqa
-    except ImportError:
-        raise PrumergeError(
-            "easy-vqa: the easy-vqa package is not installed (pip install easy-vqa==1.0)"
-        ) from None
-    if split == "test":
-        questions, answers, image_ids = easy_vqa.get_test_questions()
-        return questions, answers, image_ids, easy_vqa.get_test_image_paths()
-    if split == "train":
-        questions, answers, image_ids = easy_vqa.get_train_questions()
-        return questions, answers, image_ids, easy_vqa.get_train_image_paths()
-    raise PrumergeError(f"easy-vqa: unknown split {split!r}; choose 'train' or 'test'")
 
 
 @register_benchmark(
@@ -380,19 +307,13 @@ def _load_easy_vqa(root: Path | None, *, split: str = "test") -> Iterator[Sample
     for index, (question, answer, image_id) in enumerate(
         zip(questions, answers, image_ids, strict=True)
     ):
-        if answer in ("yes", "no"):
-            subtask = "yes/no"
-        elif answer in _EASY_VQA_SHAPES:
-            subtask = "shape"
-        else:
-            subtask = "color"
         yield Sample(
             id=f"easy-vqa-{split}-{index}",
             image=image_paths[image_id],
             prompt=question + SHORT_ANSWER,
             answers=(answer,),
             task="easy-vqa",
-            subtask=subtask,
+            subtask=question_type(answer),
             meta={"question": question, "image_id": image_id},
         )
 

@@ -18,7 +18,7 @@ learns to answer yes/no from the text and not from the image, and its training l
 little about single-question accuracy.
 
 Besides easy-vqa's training split, runs can mix in scenes of the generated multi-object
-benchmark (`prumerge.eval.synth`, train split), so that the model has seen more than one
+benchmark (`prumerge.data.synth`, train split), so that the model has seen more than one
 large shape.
 
 The run checkpoints atomically every few steps and resumes from the last checkpoint; its
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from prumerge.data.easy_vqa import balanced_keep_rates, is_negated, load_easy_vqa, question_type
+from prumerge.data.sample import SHORT_ANSWER
 from prumerge.errors import PrumergeError
 from prumerge.models.default import (
     DEFAULT_RESOLUTION,
@@ -94,7 +95,7 @@ class TrainConfig:
     # plain and among negated questions. easy-vqa's are 82% "no" for plain questions and 82%
     # "yes" for negated ones, a prior a frozen LLM learns instead of looking at the image.
     balance_yes_no: bool = False
-    synth_scenes: int = 0  # generated training scenes to mix in (prumerge.eval.synth)
+    synth_scenes: int = 0  # generated training scenes to mix in (prumerge.data.synth)
     synth_per_batch: int = 0  # of them, per step, on top of `batch_size` easy-vqa images
     # Learned prompt embeddings placed before the image (`prompt_token_names`), trained with
     # the projector at their own peak learning rate; 0: none (the LLaVA-1.5 prompt).
@@ -106,61 +107,6 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------
 # Data
-
-
-def question_type(answer: str) -> str:
-    """easy-vqa question type from its answer: "yes/no", "shape" or "color"."""
-    if answer in ("yes", "no"):
-        return "yes/no"
-    if answer in ("circle", "rectangle", "triangle"):
-        return "shape"
-    return "color"
-
-
-_NEGATION = re.compile(r"\b(not|no)\b|n't")
-
-
-def is_negated(question: str) -> bool:
-    """Whether an easy-vqa yes/no question is negated ("is there not a circle?")."""
-    return _NEGATION.search(question.lower()) is not None
-
-
-def balanced_keep_rates(
-    questions: Sequence[str], answers: Sequence[str]
-) -> dict[tuple[bool, str], float]:
-    """Keep probability per (negated, answer) cell of yes/no questions that equalises "yes"
-    and "no" within plain and within negated questions (the minority answer keeps all)."""
-    counts: dict[tuple[bool, str], int] = {}
-    for question, answer in zip(questions, answers, strict=True):
-        if answer in ("yes", "no"):
-            cell = (is_negated(question), answer)
-            counts[cell] = counts.get(cell, 0) + 1
-    rates = {}
-    for negated in (False, True):
-        yes, no = counts.get((negated, "yes"), 0), counts.get((negated, "no"), 0)
-        least = min(yes, no)
-        rates[(negated, "yes")] = least / yes if yes else 1.0
-        rates[(negated, "no")] = least / no if no else 1.0
-    return rates
-
-
-def load_easy_vqa(split: str) -> tuple[list[int], dict[int, list[tuple[str, str]]], dict[int, str]]:
-    """easy-vqa questions grouped by image.
-
-    Args:
-        split: "train" or "test".
-
-    Returns:
-        `(image_ids, turns, paths)`: image ids sorted ascending; for each id its (question,
-        answer) pairs in the dataset's order; for each id the PNG path.
-    """
-    from prumerge.eval.datasets import easy_vqa_split
-
-    questions, answers, ids, paths = easy_vqa_split(split)
-    turns: dict[int, list[tuple[str, str]]] = {}
-    for question, answer, image_id in zip(questions, answers, ids, strict=True):
-        turns.setdefault(int(image_id), []).append((question, answer))
-    return sorted(turns), turns, {int(k): v for k, v in paths.items()}
 
 
 @torch.no_grad()
@@ -557,7 +503,7 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     ]
     num_easy = len(items)
     if cfg.synth_scenes > 0:
-        from prumerge.eval import synth
+        from prumerge.data import synth
 
         for scene in synth.generate(cfg.synth_scenes, split="train", seed=cfg.seed):
             draw = functools.partial(synth.render, scene.objects, scene.config)
@@ -599,8 +545,6 @@ def train_projector(cfg: TrainConfig) -> dict[str, Any]:
     # Each image's turns in a fixed shuffled order (for "chat" packing, so that "is there a red
     # shape?" is not always the turn right after the image); each question carries the
     # short-answer instruction with probability `instruction_rate`.
-    from prumerge.eval.datasets import SHORT_ANSWER
-
     rng = random.Random(cfg.seed)
     rates: dict[tuple[bool, str], float] = {}
     if cfg.balance_yes_no:

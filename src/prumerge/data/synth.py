@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prumerge.eval.datasets import SHORT_ANSWER, Sample
+from prumerge.data.sample import SHORT_ANSWER, Sample
 
 __all__ = [
     "ANSWER_VOCAB",
