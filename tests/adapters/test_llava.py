@@ -131,6 +131,76 @@ def test_forward_with_labels(model):
     assert model.model.multi_modal_projector.linear_1.weight.grad is not None
 
 
+def _packed_row(prefix, blocks):
+    """A prefix with the image, then blocks that each see the prefix and themselves only,
+    at the positions they would have alone (ids, positions, segment of each token)."""
+    ids, positions, segments = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+    for k, block in enumerate(blocks, start=1):
+        ids += block
+        positions += range(len(prefix), len(prefix) + len(block))
+        segments += [k] * len(block)
+    return ids, positions, segments
+
+
+@pytest.mark.parametrize("method, options", [("prumerge", {"keep": 6}), ("prumerge+", {})])
+def test_packed_rows_match_each_block_alone(model, method, options):
+    # Two rows, two images; each row packs question blocks behind one shared image prefix,
+    # as training packs the questions of one image. With a 4-D block mask and restarted
+    # positions, every block must get exactly the logits it gets as a prompt of its own.
+    pixels = images(2, seed=3)
+    prefixes = [prompt([1, 2], []), prompt([5], [])]
+    blocks = [[[3, 4, 5], [6, 7]], [[8, 9, 3, 2]]]
+    rows = [_packed_row(p, b) for p, b in zip(prefixes, blocks, strict=True)]
+    width = max(len(r[0]) for r in rows)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    pos = torch.zeros(2, width, dtype=torch.long)
+    seg = torch.full((2, width), -1)
+    for b, (i, p, g) in enumerate(rows):
+        ids[b, : len(i)], pos[b, : len(p)], seg[b, : len(g)] = (torch.tensor(x) for x in (i, p, g))
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    key, query = seg[:, None, :], seg[:, :, None]
+    mask = (causal & ((key == 0) | (key == query)) & (key >= 0) & (query >= 0)) | torch.eye(
+        width, dtype=torch.bool
+    )
+    with torch.no_grad(), prumerge.apply(model, method, **options) as handle:
+        packed = model(
+            input_ids=ids, attention_mask=mask[:, None], position_ids=pos, pixel_values=pixels
+        ).logits
+        kept = handle.stats.tokens_out
+        prepared = handle.prepare_inputs(
+            ids, pixels, attention_mask=mask[:, None], position_ids=pos
+        )
+        for b in range(2):
+            start = len(prefixes[b]) - (PATCHES - kept[b])  # where row b's blocks begin now
+            for block in blocks[b]:
+                alone_ids = torch.tensor([prefixes[b] + block])
+                alone = model(input_ids=alone_ids, pixel_values=pixels[b : b + 1]).logits
+                got = packed[b, start : start + len(block)]
+                torch.testing.assert_close(got, alone[0, -len(block) :], atol=1e-5, rtol=1e-4)
+                # Each block restarts right after the kept visual tokens.
+                expected = torch.arange(
+                    len(prefixes[b]) - (PATCHES - kept[b]), alone_ids.shape[1] - (PATCHES - kept[b])
+                )
+                assert (
+                    prepared["position_ids"][b, start : start + len(block)].tolist()
+                    == expected[-len(block) :].tolist()
+                )
+                start += len(block)
+    assert min(kept) < PATCHES
+
+
+def test_given_position_ids_equal_counted_ones_under_reduction(model):
+    pixels = images(3, seed=5)
+    ids = torch.tensor(
+        [prompt([1, 2], [3, 4, 5]), prompt([7, 8], [9, 1, 2]), prompt([5, 6], [6, 7, 3])]
+    )
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad(), prumerge.apply(model, "prumerge", keep=5):
+        counted = model(input_ids=ids, pixel_values=pixels).logits
+        given = model(input_ids=ids, pixel_values=pixels, position_ids=positions).logits
+    torch.testing.assert_close(given, counted)
+
+
 def test_two_models_side_by_side_stay_independent():
     first, second = tiny_llava("clip", seed=0), tiny_llava("clip", seed=0)
     pixels = images(3, seed=8)

@@ -260,21 +260,51 @@ class Handle:
         )
         return [row[:n] for row, n in zip(projected, lengths, strict=True)]
 
-    def _prepare(
+    def prepare_inputs(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        left_pad: bool,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        left_pad: bool | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Shrunk ids, mask and labels plus ``inputs_embeds`` with the reduced features."""
+        """The language model's inputs with each image's tokens reduced.
+
+        This is what the patched ``forward`` and ``generate`` run before the original model;
+        training code that computes its own loss can call it directly, so that it trains on
+        exactly the tokens served.
+
+        Args:
+            input_ids: (B, L) ids with N placeholders per image, as the processor makes them.
+            pixel_values: (I, 3, H, W) the images, in placeholder order.
+            attention_mask: (B, L) padding mask, or a (B, 1, L, L) mask (boolean or additive)
+                for packed rows; None for no padding.
+            labels: (B, L) or None; moved along with the ids.
+            position_ids: (B, L) or None. Given, they are carried through the cut (see
+                ``Packed.position_ids``); None lets the model count positions from the mask.
+            left_pad: re-pad on the left; default: when the 2-D mask is padded on the left.
+                Rows with a 4-D mask are never re-padded on the left.
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``labels`` and ``position_ids`` (None where not
+            given) over the shortened sequence, and ``inputs_embeds`` with the reduced
+            features in the image positions. Gradients flow from ``inputs_embeds`` into the
+            projector and into the input embeddings.
+        """
         config = self.model.config
         image_token_id = config.image_token_id
         if pixel_values.ndim != 4:
             raise PrumergeError(
                 f"pixel_values must be (images, channels, height, width); got "
                 f"{tuple(pixel_values.shape)}"
+            )
+        mask_4d = attention_mask is not None and attention_mask.ndim == 4
+        if left_pad is None:
+            left_pad = (
+                attention_mask is not None
+                and not mask_4d
+                and bool((attention_mask[:, 0] == 0).any())
             )
         num_patches = (pixel_values.shape[-2] // self.layout.patch_size) * (
             pixel_values.shape[-1] // self.layout.patch_size
@@ -290,15 +320,17 @@ class Handle:
         pad_id = _pad_token_id(self.model)
         packed = shrink_placeholders(
             input_ids,
-            attention_mask,
+            None if mask_4d else attention_mask,
             labels,
             image_token_id=image_token_id,
             tokens_per_image=num_patches,
             lengths=lengths,
             pad_token_id=pad_id,
-            left_pad=left_pad,
+            left_pad=bool(left_pad) and not mask_4d,
         )
         if self.fastv is not None:
+            if mask_4d:
+                raise PrumergeError("fastv needs a 2-D attention mask")
             kept = self.fastv.arm(
                 packed.input_ids,
                 packed.attention_mask,
@@ -316,8 +348,11 @@ class Handle:
             inputs_embeds = inputs_embeds.masked_scatter(image_positions[..., None], values)
         return {
             "input_ids": packed.input_ids,
-            "attention_mask": packed.attention_mask,
+            "attention_mask": packed.attention_mask_4d(attention_mask)  # type: ignore[arg-type]
+            if mask_4d
+            else packed.attention_mask,
             "labels": packed.labels,
+            "position_ids": None if position_ids is None else packed.position_ids(position_ids),
             "inputs_embeds": inputs_embeds,
         }
 
@@ -336,14 +371,18 @@ class Handle:
             return self._original_forward(*args, **kwargs)
         if self.fastv is not None and kwargs.get("labels") is not None:
             raise PrumergeError("fastv does not support labels: it drops tokens mid-model")
-        attention_mask = kwargs.get("attention_mask")
-        left_pad = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
-        prepared = self._prepare(
-            input_ids, pixel_values, attention_mask, kwargs.get("labels"), left_pad
+        prepared = self.prepare_inputs(
+            input_ids,
+            pixel_values,
+            kwargs.get("attention_mask"),
+            kwargs.get("labels"),
+            kwargs.get("position_ids"),
         )
         kwargs.pop("pixel_values")
         kwargs.pop("input_ids")
-        kwargs.pop("position_ids", None)  # positions follow the new mask
+        kwargs.pop("position_ids", None)
+        if prepared["position_ids"] is not None:  # given ones are carried; else the mask counts
+            kwargs["position_ids"] = prepared["position_ids"]
         kwargs["attention_mask"] = prepared["attention_mask"]
         kwargs["inputs_embeds"] = prepared["inputs_embeds"]
         if kwargs.get("labels") is not None:
@@ -362,8 +401,8 @@ class Handle:
         if pixel_values is None or input_ids is None or kwargs.get("inputs_embeds") is not None:
             self.stats = TokenStats()  # no images in this call
             return self._original_generate(*args, **kwargs)
-        prepared = self._prepare(
-            input_ids, pixel_values, kwargs.get("attention_mask"), None, left_pad=True
+        prepared = self.prepare_inputs(
+            input_ids, pixel_values, kwargs.get("attention_mask"), left_pad=True
         )
         kwargs.pop("pixel_values")
         kwargs["input_ids"] = prepared["input_ids"]

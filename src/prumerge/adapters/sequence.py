@@ -17,11 +17,64 @@ class Packed:
         input_ids: (B, L') ids with each image's run of N placeholders cut to its length.
         attention_mask: (B, L') 1 for real tokens, 0 for padding.
         labels: (B, L') labels moved along with the ids (-100 on padding), or None.
+        source: (B, L') the input position each output slot was taken from (any position
+            for a padding slot).
+        valid: (B, L') True where a slot holds a token, False where it is new padding.
+        dropped: (B, L) True at the input's placeholders that were cut.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
+    source: torch.Tensor
+    valid: torch.Tensor
+    dropped: torch.Tensor
+
+    def position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Carry caller-given position ids through the cut, closing the gaps it leaves.
+
+        A kept token at position p moves to p minus the number of cut placeholders whose
+        position was below p, so text after an image continues right after its last kept
+        token. Comparing position values (not slots) also handles packed rows whose
+        positions restart, such as several single-question blocks sharing one image prefix.
+
+        Args:
+            position_ids: (B, L) positions of the input tokens.
+
+        Returns:
+            (B, L') positions of the output slots (0 on padding slots).
+        """
+        big = torch.iinfo(position_ids.dtype).max
+        cut = torch.where(self.dropped, position_ids, big).sort(dim=1).values  # (B, L)
+        taken = position_ids.gather(1, self.source)  # (B, L')
+        shift = torch.searchsorted(cut, taken.contiguous())  # cut positions below each
+        return torch.where(self.valid, taken - shift, torch.zeros_like(taken))
+
+    def attention_mask_4d(self, mask: torch.Tensor) -> torch.Tensor:
+        """Carry a caller-given (B, 1 or heads, L, L) mask through the cut.
+
+        Rows and columns follow their tokens; new padding slots are masked as keys and, as
+        queries, see only themselves (so no row of the softmax is empty).
+
+        Args:
+            mask: boolean (True = may attend) or additive float mask over the input.
+
+        Returns:
+            The mask over the output slots, of the same kind and dtype.
+        """
+        batch, heads, _, _ = mask.shape
+        width = self.source.shape[1]
+        rows = self.source[:, None, :, None].expand(batch, heads, width, mask.shape[3])
+        taken = mask.gather(2, rows)
+        cols = self.source[:, None, None, :].expand(batch, heads, width, width)
+        taken = taken.gather(3, cols)  # (B, h, L', L')
+        pair = self.valid[:, None, :, None] & self.valid[:, None, None, :]
+        eye = torch.eye(width, dtype=torch.bool, device=mask.device)
+        alone = (~self.valid)[:, None, :, None] & eye  # padding queries see themselves
+        if mask.dtype == torch.bool:
+            return (taken & pair) | alone
+        blocked = torch.finfo(mask.dtype).min
+        return torch.where(pair, taken, torch.where(alone, 0.0, blocked).to(mask.dtype))
 
 
 def images_per_row(
@@ -104,4 +157,7 @@ def shrink_placeholders(
         input_ids=take(input_ids, pad_token_id),
         attention_mask=valid.long(),
         labels=None if labels is None else take(labels, -100),
+        source=source,
+        valid=valid,
+        dropped=is_image & ~keep,
     )
