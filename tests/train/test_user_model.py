@@ -135,3 +135,15 @@ def test_save_merged_gives_a_plain_llava(llava_dir, tmp_path):
     torch.testing.assert_close(
         merged.model.multi_modal_projector.linear_1.weight, projector["linear_1.weight"]
     )
+
+
+def test_micro_batches_give_the_same_weights(llava_dir, tmp_path):
+    from prumerge.cli import main
+
+    common = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "data.json"), *ARGS]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", "--output-dir", str(whole), *common]) == 0
+    assert main(["train", "--output-dir", str(split), "--micro-batch", "1", *common]) == 0
+    a, b = _weights(whole), _weights(split)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)

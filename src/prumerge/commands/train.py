@@ -58,6 +58,13 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=d.resolution, help="square input size, px")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="sequences per forward/backward within a step, to bound memory (same gradient; "
+        "default: the whole step)",
+    )
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the projector")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -187,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         seed=args.seed,
         batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
         steps=args.steps,
         lr=args.lr,
         warmup_steps=args.warmup_steps,

@@ -30,6 +30,9 @@ class TrainConfig:
     resolution: int = 224  # the default model's input size
     seed: int = 0
     batch_size: int = 8  # images per step (over all processes)
+    # Sequences per forward/backward within a step (None: the whole step at once). Smaller
+    # micro-batches bound activation memory and leave the gradient unchanged.
+    micro_batch: int | None = None
     steps: int = 300
     lr: float = 1e-3  # the projector's peak learning rate
     warmup_steps: int = 15
@@ -81,7 +84,15 @@ class TrainConfig:
 # Fields that may change between the runs of one output directory (they do not change what
 # the steps compute); every other field must match the checkpoint's.
 _FREE = frozenset(
-    {"command", "install", "eval_images", "eval_scenes", "eval_batch_images", "time_budget_min"}
+    {
+        "command",
+        "install",
+        "eval_images",
+        "eval_scenes",
+        "eval_batch_images",
+        "time_budget_min",
+        "micro_batch",
+    }
 )
 COMPARED_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _FREE)
 
@@ -126,6 +137,8 @@ def check_config(cfg: TrainConfig) -> None:
         _positive(cfg.time_budget_min, "--time-budget-min")
     if cfg.train_images is not None:
         _positive(cfg.train_images, "--train-images")
+    if cfg.micro_batch is not None:
+        _positive(cfg.micro_batch, "--micro-batch")
     if cfg.eval_images is not None:
         _non_negative(cfg.eval_images, "--eval-images")
     if cfg.lora_alpha is not None:

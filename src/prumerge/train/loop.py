@@ -543,17 +543,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             group["lr"] = group["peak"] * lr_scale
         # Every process knows the global batch, so the normaliser needs no communication.
         answer_tokens = sum(int((sequences[i].labels != IGNORE).sum()) for i in index)
-        loss, visual = step_loss(
-            model,
-            processor,
-            reduction.method,
-            reduction.options(),
-            [items[i][0]() for i in mine],
-            [sequences[i] for i in mine],
-            float(answer_tokens),
-        )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Micro-batches bound the activation memory; their summed losses, each over the
+        # global normaliser, give exactly the gradient of the whole batch.
+        size = cfg.micro_batch or len(mine)
+        loss, visual = torch.zeros(()), 0
+        for start in range(0, len(mine), size):
+            part = mine[start : start + size]
+            part_loss, part_visual = step_loss(
+                model,
+                processor,
+                reduction.method,
+                reduction.options(),
+                [items[i][0]() for i in part],
+                [sequences[i] for i in part],
+                float(answer_tokens),
+            )
+            part_loss.backward()
+            loss, visual = loss + part_loss.detach(), visual + part_visual
         for p in parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -47,6 +47,7 @@ class Stage:
 # draws other scenes first.
 _COMMON: dict[str, Any] = {
     "batch_size": 3,
+    "micro_batch": 3,  # two forward/backward passes per step: about 6 GB of activations
     "synth_scenes": 8000,
     "synth_per_batch": 3,
     "instruction_rate": 0.5,
