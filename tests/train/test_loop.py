@@ -117,8 +117,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
         )
         merged_out = model.model.language_model(input_ids=tokens).last_hidden_state
         adapted_out = unmerged.model.language_model(input_ids=tokens).last_hidden_state
-    torch.testing.assert_close(merged_out, adapted_out, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(merged_out, plain_out, atol=1e-4)  # the adapter did train
+    # Merging reorders the float sums, so the two differ by rounding (up to 4e-4 seen on
+    # some CPUs); the adapter's own effect is far larger than that.
+    torch.testing.assert_close(merged_out, adapted_out, atol=2e-3, rtol=1e-3)
+    rounding = (merged_out - adapted_out).abs().max()
+    assert (merged_out - plain_out).abs().max() > 10 * rounding  # the adapter did train
     assert type(model).__name__ == "LlavaForConditionalGeneration"
 
 
