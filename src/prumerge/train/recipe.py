@@ -67,7 +67,7 @@ RECIPES: dict[str, list[Stage]] = {
             {
                 **_COMMON,
                 "seed": 0,
-                "steps": 400,
+                "steps": 300,
                 "lr": 1e-3,
                 "prompt_lr": 1e-2,
                 "lora_lr": 3e-4,
@@ -81,7 +81,7 @@ RECIPES: dict[str, list[Stage]] = {
             {
                 **_COMMON,
                 "seed": 1,
-                "steps": 360,
+                "steps": 300,
                 "lr": 3e-4,
                 "prompt_lr": 3e-3,
                 "lora_lr": 2e-4,
