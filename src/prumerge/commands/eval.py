@@ -119,6 +119,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="cpu, cuda, cuda:1, ... (default: the local GPU if there is one, else cpu)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights' dtype (default: float32); part of the results' identity",
+    )
     parser.add_argument("--cache-dir", help="cache of the built default model")
     parser.set_defaults(func=run)
 
@@ -432,9 +437,13 @@ def _evaluate(
 
         hf_logging.disable_progress_bar()  # from_pretrained's weight-loading bar
     started = time.perf_counter()
-    model, processor, prompt_fn = load_model(args.model, device=device, cache_dir=args.cache_dir)
+    model, processor, prompt_fn = load_model(
+        args.model, device=device, cache_dir=args.cache_dir, dtype=args.dtype
+    )
     load_seconds = time.perf_counter() - started
     model_id = _model_id(args.model, model)
+    if args.dtype not in (None, "float32"):
+        model_id += f" ({args.dtype})"  # results of another dtype never mix with these
 
     configs = []
     for plan in planned:
