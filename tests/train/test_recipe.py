@@ -29,7 +29,8 @@ def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path, monkeypat
         install_module, "install_variant", lambda run, variant, res: installed.append(variant)
     )
     stages = [
-        recipe.Stage("base", {"steps": 5, "lora_rank": 4}),
+        recipe.Stage("base-1", {"steps": 2}),  # an intermediate stage: never installed
+        recipe.Stage("base", {"steps": 5, "lora_rank": 4}, init_from="base-1"),
         recipe.Stage(
             "default", {"steps": 3, "lora_rank": 4, "reduce": "prumerge"}, init_from="base"
         ),
@@ -42,15 +43,18 @@ def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path, monkeypat
 
     record = recipe.run_recipe("tiny", str(tmp_path / "run"), install=True, command="cmd")
     assert [c.output_dir for c in calls] == [
+        str(tmp_path / "run" / "base-1"),
         str(tmp_path / "run" / "base"),
         str(tmp_path / "run" / "default"),
     ]
-    second = calls[1]
+    assert calls[0].install is None and calls[1].install == "base"
+    assert calls[1].init_lora is None  # base-1 trains no LoRA
+    second = calls[2]
     assert second.init_projector == str(tmp_path / "run" / "base" / "projector-224.safetensors")
     assert second.init_lora == str(tmp_path / "run" / "base" / "lora")
     assert second.reduce == "prumerge" and second.install == "default"
-    assert [s["name"] for s in record["stages"]] == ["base", "default"]
-    assert record["train_wall_s_total"] == 20.0
+    assert [s["name"] for s in record["stages"]] == ["base-1", "base", "default"]
+    assert record["train_wall_s_total"] == 30.0
     assert json.loads((tmp_path / "weights" / "recipe.json").read_text())["recipe"] == "tiny"
 
     # Run again: both stages finished, so nothing trains; their weights are installed again.
@@ -58,7 +62,7 @@ def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path, monkeypat
     installed.clear()
     again = recipe.run_recipe("tiny", str(tmp_path / "run"), install=True, command="cmd")
     assert calls == [] and installed == ["base", "default"]
-    assert [s["steps_done"] for s in again["stages"]] == [5, 3]
+    assert [s["steps_done"] for s in again["stages"]] == [2, 5, 3]
 
 
 def test_unknown_recipe():
@@ -76,7 +80,7 @@ def test_the_default_recipe_is_a_valid_configuration(tmp_path):
     from prumerge.train.recipe import RECIPES, stage_config
 
     for stage in RECIPES["default"]:
-        cfg = stage_config(stage, tmp_path, install=True, command="")
+        cfg = stage_config(stage, tmp_path, install=True, command="", stages=RECIPES["default"])
         if stage.init_from:  # the previous stage's outputs, as a finished run leaves them
             source = tmp_path / stage.init_from
             (source / "lora").mkdir(parents=True, exist_ok=True)

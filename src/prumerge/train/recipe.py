@@ -1,11 +1,12 @@
 """Named recipes: the stages that rebuild the shipped weights from scratch, in one command.
 
 ``prumerge train --recipe default --output-dir runs/recipe`` runs each stage in its own
-sub-directory (``runs/recipe/base``, ``runs/recipe/default``). Every stage checkpoints and
-resumes, and a finished stage is not run again, so re-running the command after an
-interruption continues where it stopped. ``recipe.json`` records every stage's configuration,
-wall time and evaluation; with ``--install`` each stage's weights become the package's
-variant of the same name, and the recipe record is stored with them.
+sub-directory (``runs/recipe/base-1`` ... ``runs/recipe/default``), each starting from the
+weights its ``init_from`` stage wrote. Every stage checkpoints and resumes, and a finished stage
+is not run again, so re-running the command after an interruption continues where it stopped.
+``recipe.json`` records every stage's configuration, wall time and evaluation; with
+``--install`` the stages named after a variant (``base``, ``default``) become the package's
+variants, and the recipe record is stored with them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,71 +42,122 @@ class Stage:
     eval: dict[str, Any] = field(default_factory=dict)
 
 
-# Shared by both stages: the data (per step 3 of easy-vqa's 4,000 training images and 3 of
-# 8,000 generated training scenes, half the questions with the short-answer instruction), the
-# trainable parts (the projector, 16 prompt embeddings and rank-16 LoRA on every linear layer of
-# the LLM) and the bfloat16 LLM of training. Each stage has its own seed, so the second one
-# draws other scenes first.
-_COMMON: dict[str, Any] = {
-    "batch_size": 3,
-    "micro_batch": 3,  # two forward/backward passes per step: about 6 GB of activations
-    "synth_scenes": 8000,
-    "synth_per_batch": 3,
-    "instruction_rate": 0.5,
-    "prompt_tokens": 16,
-    "lora_rank": 16,
+# The base variant: four projector-only stages (the LLM frozen, no reduction), the commands
+# that produced the shipped ``base`` weights (recorded in models/weights/base/projector-224.json;
+# they ran before the recipe existed, one command each). Stage 1 packs each image's questions
+# as one multi-turn chat; stage 2 adds one generated scene per step and LLaVA's short-answer
+# instruction on half the questions; stage 3 learns 16 prompt embeddings on yes/no questions
+# balanced per (plain/negated, answer) cell; stage 4 returns to easy-vqa's own distribution.
+_BASE: dict[str, Any] = {
+    "seed": 0,
+    "batch_size": 4,
     "train_dtype": "bfloat16",
     "checkpoint_every": 20,
     "log_every": 10,
-    "eval_images": 200,
-    "eval_scenes": 100,
+    "eval_images": 0,
+    "reduce": "none",
 }
 
 RECIPES: dict[str, list[Stage]] = {
     "default": [
         Stage(
+            "base-1",
+            {**_BASE, "packing": "chat", "steps": 600, "lr": 1e-3, "warmup_steps": 10},
+            notes="projector only, easy-vqa, chat packing",
+        ),
+        Stage(
+            "base-2",
+            {
+                **_BASE,
+                "synth_scenes": 2000,
+                "synth_per_batch": 1,
+                "instruction_rate": 0.5,
+                "steps": 700,
+                "lr": 1e-3,
+                "warmup_steps": 20,
+            },
+            init_from="base-1",
+            notes="projector only, isolated turns, one generated scene per step",
+        ),
+        Stage(
+            "base-3",
+            {
+                **_BASE,
+                "balance_yes_no": True,
+                "instruction_rate": 0.5,
+                "prompt_tokens": 16,
+                "prompt_lr": 1e-2,
+                "steps": 450,
+                "lr": 3e-4,
+                "warmup_steps": 20,
+            },
+            init_from="base-2",
+            notes="16 prompt embeddings, balanced yes/no",
+        ),
+        Stage(
             "base",
             {
-                **_COMMON,
-                "seed": 0,
-                "steps": 300,
-                "lr": 1e-3,
-                "prompt_lr": 1e-2,
-                "lora_lr": 3e-4,
-                "warmup_steps": 30,
-                "reduce": "none",
+                **_BASE,
+                "instruction_rate": 0.5,
+                "prompt_tokens": 16,
+                "prompt_lr": 3e-3,
+                "steps": 100,
+                "lr": 1e-4,
+                "warmup_steps": 10,
+                "eval_images": 200,
             },
-            notes="all visual tokens: the reference for training-free reduction",
+            init_from="base-3",
+            notes="easy-vqa's own yes/no distribution, lower rate: the base variant, the "
+            "reference for training-free reduction",
         ),
+        # The default variant: the base continued with reduction in the loop and LoRA (rank 16,
+        # every linear layer of SmolLM2). Per step 3 easy-vqa training images and 3 of 8,000
+        # generated training scenes; each step draws one reduction from the mixture.
         Stage(
             "default",
             {
-                **_COMMON,
                 "seed": 1,
+                "batch_size": 3,
+                "micro_batch": 3,  # one forward/backward per 3 sequences: bounded activations
+                "synth_scenes": 8000,
+                "synth_per_batch": 3,
+                "instruction_rate": 0.5,
+                "prompt_tokens": 16,
+                "prompt_lr": 3e-3,
+                "lora_rank": 16,
+                "lora_lr": 2e-4,
+                "train_dtype": "bfloat16",
+                "checkpoint_every": 20,
+                "log_every": 10,
+                "eval_images": 0,
                 "steps": 300,
                 "lr": 3e-4,
-                "prompt_lr": 3e-3,
-                "lora_lr": 2e-4,
                 "warmup_steps": 20,
                 "reduce": "none:1,prumerge:2,prumerge+:1,visionzip@64:1",
             },
             init_from="base",
-            notes="continues base with reduction in the loop",
+            notes="the base continued with reduction in the loop and LoRA: the default variant",
         ),
     ],
 }
 
 
-def stage_config(stage: Stage, root: Path, install: bool, command: str) -> TrainConfig:
+def stage_config(
+    stage: Stage, root: Path, install: bool, command: str, stages: Sequence[Stage] = ()
+) -> TrainConfig:
+    """The training configuration of ``stage``; ``stages`` are the recipe's (for init_from)."""
+    from prumerge.models.default import VARIANTS
+
     options = dict(stage.options)
     if stage.init_from is not None:
         source = root / stage.init_from
         options["init_projector"] = str(source / "projector-224.safetensors")
-        if options.get("lora_rank"):
+        parent = next((s for s in stages if s.name == stage.init_from), None)
+        if parent is not None and parent.options.get("lora_rank"):
             options["init_lora"] = str(source / "lora")
     return TrainConfig(
         output_dir=str(root / stage.name),
-        install=stage.name if install else None,
+        install=stage.name if install and stage.name in VARIANTS else None,
         command=f"{command}  # stage {stage.name}",
         **options,
     )
@@ -125,14 +178,14 @@ def run_recipe(
     record_path = root / "recipe.json"
     record: dict[str, Any] = {"recipe": name, "command": command, "stages": []}
     for stage in RECIPES[name]:
-        cfg = stage_config(stage, root, install, command)
+        cfg = stage_config(stage, root, install, command, RECIPES[name])
         report_path = Path(cfg.output_dir) / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text())
             print(
                 f"stage {stage.name}: finished earlier ({report['steps_done']} steps)", flush=True
             )
-            if install:
+            if cfg.install:  # stages named after a variant only
                 from prumerge.train.install import install_variant
 
                 install_variant(cfg.output_dir, stage.name, cfg.resolution)
