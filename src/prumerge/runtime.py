@@ -103,7 +103,7 @@ def load_model(
         raise PrumergeError(f"model path does not exist: {model}")
     try:
         loaded = LlavaForConditionalGeneration.from_pretrained(
-            str(path) if path.exists() else model
+            str(path) if path.exists() else model, dtype=_dtype(dtype) or torch.float32
         )
         processor = AutoProcessor.from_pretrained(str(path) if path.exists() else model)
     except (OSError, ValueError) as exc:

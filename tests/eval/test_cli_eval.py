@@ -456,3 +456,17 @@ def test_default_model_on_easy_vqa(
     for row in records(tmp_path / "prumerge+"):
         assert isinstance(row["prediction"], str) and row["answers"]
     # accuracy assertions come once the shipped projector is trained
+
+
+def test_dtype_loads_the_model_in_it_and_keeps_its_results_apart(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    out = tmp_path / "results"
+    argv = synth_args(tiny_checkpoint, out, 2, "--methods", "none", "--no-plot")
+    assert main([*argv, "--dtype", "bfloat16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "bfloat16"
+    assert report["configs"]["none"]["model_id"] == f"{tiny_checkpoint.resolve()} (bfloat16)"
+    # The float32 results of the same model are another identity: refused without --overwrite.
+    assert main(argv) == 2
+    assert "holds results of a different configuration (model_id:" in capsys.readouterr().err

@@ -491,6 +491,7 @@ def _evaluate(
         summary_files=[str(out / "summary.txt"), str(out / "summary.json")],
         plot=None if args.no_plot else str(out / "accuracy_vs_tokens.png"),
         model_id=model_id,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         n_samples=len(benchmark.samples),
         processes=world,
         batch_size=args.batch_size,
