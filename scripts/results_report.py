@@ -2,7 +2,8 @@
 
 Each MODEL=DIR argument names a model and the `--out` directory of one `prumerge eval` run
 (its summary.json). For every benchmark given, it prints a Markdown table per model (score,
-retention against that model's `none`, per-subtask scores, mean visual tokens) and writes one
+retention against that model's `none`, per-subtask scores, mean visual tokens), for easy-vqa
+also its yes/no answers per (plain/negated, true answer) cell, and writes one
 plot with a panel per model and a line per method (the adaptive count circled). No point
 carries a text label, so labels never overlap; one legend names the lines.
 
@@ -61,6 +62,36 @@ def table(name: str, summary: dict) -> str:
             row[2:4] = [f"**{row[2]}**", f"**{row[3]}**"]
         lines.append("| " + " | ".join(row) + " |")
     return f"**{name}**\n\n" + "\n".join(lines) + "\n"
+
+
+def yes_no_cells(name: str, directory: Path, summary: dict) -> str:
+    """easy-vqa's yes/no questions per (plain/negated, true answer) cell, per configuration:
+    correct / total. A model that answers from the question's wording alone scores well on the
+    two majority cells (plain "no", negated "yes") and badly on the others."""
+    from prumerge.data.easy_vqa import is_negated
+    from prumerge.eval.metrics import normalize_answer
+
+    cells = [(f, a) for f in ("plain", "negated") for a in ("no", "yes")]
+    head = ["config", "tokens out", *(f"{f} / {a}" for f, a in cells)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config_name, config in summary["configs"].items():
+        path = directory / config_name / "predictions.jsonl"
+        if not path.is_file():
+            continue
+        counts = {c: [0, 0] for c in cells}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("subtask") != "yes/no":
+                continue
+            answer = row["answers"][0]
+            cell = ("negated" if is_negated(row["meta"]["question"]) else "plain", answer)
+            counts[cell][1] += 1
+            counts[cell][0] += normalize_answer(row["prediction"]) == normalize_answer(answer)
+        row_cells = [f"{c}/{n} ({100 * c / max(n, 1):.0f}%)" for c, n in counts.values()]
+        lines.append(
+            f"| `{config_name}` | {config['tokens_out']:.1f} | " + " | ".join(row_cells) + " |"
+        )
+    return f"**{name}: yes/no by cell**\n\n" + "\n".join(lines) + "\n"
 
 
 def plot(summaries: dict[str, dict], benchmark: str, path: Path) -> None:
@@ -124,14 +155,17 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", metavar="MODEL=DIR")
     parser.add_argument("--plot", type=Path, required=True)
     args = parser.parse_args()
-    summaries = {}
+    summaries, directories = {}, {}
     for item in args.runs:
         name, sep, directory = item.partition("=")
         if not sep:
             sys.exit(f"results_report: {item!r} is not MODEL=DIR")
         summaries[name] = load(Path(directory))
+        directories[name] = Path(directory)
     for name, summary in summaries.items():
         print(table(name, summary))
+        if args.benchmark == "easy-vqa":
+            print(yes_no_cells(name, directories[name], summary))
     plot(summaries, args.benchmark, args.plot)
     print(f"![{args.benchmark}: accuracy against visual tokens]({args.plot.name})")
 
