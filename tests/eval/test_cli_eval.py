@@ -95,13 +95,13 @@ def test_configuration_rule() -> None:
     [
         ("none,bogus", "adaptive", None, "unknown method 'bogus'"),
         ("visionzip", "adaptive", None, "'visionzip' needs a token budget"),
-        ("prumerge", "0", None, "count must be at least 1"),
+        ("prumerge", "0", None, "keep must be >= 1 when given as a count"),
         ("prumerge", "1.5", None, r"ratio must be in \(0, 1\]"),
-        ("prumerge", "lots", None, "'lots' is not a count"),
+        ("prumerge", "lots", None, "--keep: not a number: 'lots'"),
         ("prumerge", "adaptive", ["bogus=1"], "takes no option 'bogus'"),
         ("prumerge", "adaptive", ["keep=3"], "give budgets with --keep"),
         ("prumerge", "adaptive", ["visionzip:contextual=4"], "not in --methods"),
-        ("prumerge", "adaptive", ["merge=median"], "method 'prumerge'"),
+        ("prumerge", "adaptive", ["merge=median"], "prumerge: unknown merge mode 'median'"),
     ],
 )
 def test_configuration_errors(methods, keep, options, message) -> None:
@@ -336,14 +336,14 @@ POPE_LINE = '{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "la
     [
         ("unknown benchmark", "unknown benchmark 'nope'; known benchmarks:"),
         ("unknown method", "unknown method 'bogus'"),
-        ("bad budget", "--keep: 'x' is not a count"),
+        ("bad budget", "--keep: not a number: 'x'"),
         ("unknown benchmark option", "synth takes no option 'colour'"),
         ("no data directory", "pope reads its data from files: give --data-root DIR"),
         ("missing data directory", "data directory .*missing does not exist"),
         ("missing data file", r"coco_pope_random\.json not found"),
         ("malformed data file", r"coco_pope_random\.json line 2: not valid JSON"),
         ("missing image", r"coco_pope_random\.json line 1: image .*a\.jpg not found"),
-        ("unreadable image at run time", r"cannot read image .*a\.jpg"),
+        ("unreadable image at run time", r"image file not found: .*a\.jpg"),
         ("missing model", "model path does not exist"),
         ("results of another configuration", "holds results of a different configuration"),
     ],

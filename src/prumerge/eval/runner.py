@@ -12,7 +12,9 @@ On disk, ``out_dir/<config name>/`` holds
   configuration is refused unless ``overwrite=True``.
 - ``predictions.jsonl``: one record per sample, written and flushed line by line. A run that
   is killed at any moment and started again skips the samples already recorded (a torn last
-  line is cut off), so no prediction is lost or duplicated.
+  line is cut off), so no prediction is lost or duplicated. Blank lines are skipped; a line
+  that does not parse is set aside in ``predictions.jsonl.rejected`` (with a warning) and its
+  sample runs again, so the good lines around it are kept.
 - ``predictions.rank<r>-of-<w>.jsonl`` while a data-parallel run is under way: with
   ``torch.distributed`` initialised (``torchrun``, ``accelerate launch``), rank r takes samples
   r, r+w, r+2w, ... and writes its own shard; after a barrier rank 0 merges the shards into
@@ -20,12 +22,19 @@ On disk, ``out_dir/<config name>/`` holds
 
 :func:`summarize` scores the records with the benchmark's metric and writes
 ``summary.txt`` (a table), ``summary.json`` and ``accuracy_vs_tokens.png`` into ``out_dir``.
+
+One run at a time per ``out_dir``: :class:`ResultsLock` (a file lock, ``out_dir/.lock``) is
+held by :func:`run_config` and :func:`evaluate` (and by ``prumerge eval`` from before its
+model loads), so a second run on the same directory is refused instead of writing every
+prediction a second time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -44,8 +53,10 @@ __all__ = [
     "EvalConfig",
     "Prediction",
     "Predictor",
+    "ResultsLock",
     "Summary",
     "check_directory",
+    "check_results_directory",
     "evaluate",
     "read_predictions",
     "run_config",
@@ -55,7 +66,97 @@ __all__ = [
 FORMAT_VERSION = 1
 PREDICTIONS = "predictions.jsonl"
 CONFIG = "config.json"
+LOCK = ".lock"
+REJECTED_SUFFIX = ".rejected"
 _SHARD_PATTERN = re.compile(r"predictions\.rank(\d+)-of-(\d+)\.jsonl")
+
+logger = logging.getLogger(__name__)
+
+
+def format_budget(budget: int | float | None) -> str:
+    """A budget as reports show it: ``64``, ``0.25``, ``1.0`` (a ratio is never shown as 1)."""
+    if budget is None:
+        return "-"
+    return str(budget) if isinstance(budget, int) else repr(float(budget))
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per results directory
+# ---------------------------------------------------------------------------------------------
+
+
+def check_results_directory(out_dir: str | Path) -> Path:
+    """Check, without writing, that ``out_dir`` is or can become a writable folder.
+
+    Raises:
+        PrumergeError: It is a file, or it (or the nearest existing parent) is not writable.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PrumergeError(f"results directory {out} is a file; give a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PrumergeError(f"cannot create results directory {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PrumergeError(f"cannot write results into {out}: {existing} is not writable")
+    return out
+
+
+class ResultsLock:
+    """An exclusive, non-blocking lock on a results directory, re-entrant in one process.
+
+    ``acquire`` creates the directory if need be and takes ``out_dir/.lock``; another process
+    that holds it makes ``acquire`` raise at once. A directory this lock created is removed
+    again on release if nothing but the lock file ended up in it.
+    """
+
+    _held: dict[Path, tuple[Any, int, bool]] = {}
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out = Path(out_dir).expanduser().resolve()
+
+    def acquire(self) -> None:
+        from filelock import FileLock, Timeout
+
+        if self.out in self._held:
+            lock, count, created = self._held[self.out]
+            self._held[self.out] = (lock, count + 1, created)
+            return
+        check_results_directory(self.out)
+        created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.out / LOCK), timeout=0)
+            lock.acquire()
+        except Timeout:
+            raise PrumergeError(
+                f"{self.out} is in use by another evaluation run; wait for it to finish or "
+                "give another results directory"
+            ) from None
+        except OSError as exc:
+            raise PrumergeError(f"cannot lock results directory {self.out}: {exc}") from None
+        self._held[self.out] = (lock, 1, created)
+
+    def release(self) -> None:
+        lock, count, created = self._held[self.out]
+        if count > 1:
+            self._held[self.out] = (lock, count - 1, created)
+            return
+        del self._held[self.out]
+        lock.release()
+        if created and [p.name for p in self.out.iterdir()] == [LOCK]:
+            (self.out / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # someone else wrote into it meanwhile
+                self.out.rmdir()
+
+    def __enter__(self) -> ResultsLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -179,8 +280,8 @@ def _existing_identity(directory: Path) -> dict[str, Any] | None:
 def _mismatch_message(directory: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return (
         f"{directory} holds results of a different configuration "
-        f"({_describe_difference(old, new)}); use another output directory or "
-        "overwrite=True (--overwrite) to replace them"
+        f"({_describe_difference(old, new)}); use another output directory, or replace "
+        "them with --overwrite (overwrite=True in Python)"
     )
 
 
@@ -249,39 +350,58 @@ def _shard_files(directory: Path) -> list[Path]:
 
 
 def _read_jsonl_records(path: Path, repair: bool) -> list[dict[str, Any]]:
-    """Read a predictions file.
+    """Read a predictions file, keeping every good record.
 
-    A killed writer can leave only a prefix of its last record, without the newline. That torn
-    tail (or a last line that does not parse) is ignored, and cut off the file if ``repair``
-    (only a file's owner should repair). A bad record anywhere else is an error.
+    A killed writer can leave only a prefix of its last record, without the newline: that
+    torn tail is ignored. Blank lines are skipped. A line that does not parse as a record
+    (a torn write followed by more writes, a disk error, an edit) is ignored with a warning,
+    so its sample counts as not done. With ``repair`` (only a file's owner should repair),
+    such lines and the torn tail are cut out of the file, and the unreadable lines are
+    appended to ``<file>.rejected``.
     """
     if not path.exists():
         return []
     data = path.read_bytes()
     records: list[dict[str, Any]] = []
+    good: list[bytes] = []
+    bad: list[tuple[int, bytes]] = []
     position = 0
     number = 0
+    changed = False
     while position < len(data):
         number += 1
         end = data.find(b"\n", position)
         if end == -1:
-            break  # torn: the last record never got its newline
-        try:
-            record = json.loads(data[position:end])
-            if not isinstance(record, dict) or "id" not in record:
-                raise ValueError("not a prediction record")
-        except ValueError as exc:  # JSONDecodeError is a ValueError
-            if end == len(data) - 1:
-                break  # a garbled last line: treat it as torn too
-            raise PrumergeError(
-                f"{path} line {number}: corrupt prediction record ({exc}); "
-                "delete the file or run with overwrite=True"
-            ) from None
-        records.append(record)
+            changed = True  # torn: the last record never got its newline
+            break
+        line = data[position:end]
         position = end + 1
-    if repair and position < len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(position)
+        if not line.strip():
+            changed = True
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise ValueError("not a prediction record")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            bad.append((number, line))
+            continue
+        records.append(record)
+        good.append(line)
+    if bad:
+        numbers = ", ".join(str(n) for n, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        what = f"{path}: {len(bad)} unreadable line(s) (line {numbers})"
+        if repair:
+            rejected = path.with_name(path.name + REJECTED_SUFFIX)
+            with rejected.open("ab") as handle:
+                handle.write(b"".join(line + b"\n" for _, line in bad))
+            logger.warning("%s set aside in %s; their samples run again", what, rejected)
+        else:
+            logger.warning("%s skipped", what)
+    if repair and (bad or changed):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in good))
+        os.replace(tmp, path)
     return records
 
 
@@ -415,8 +535,8 @@ def run_config(
         The configuration directory.
 
     Raises:
-        PrumergeError: The directory holds another configuration's results, a prediction file
-            is corrupt beyond its last line, or the predictor's output is malformed.
+        PrumergeError: Another run holds ``out_dir``, the directory holds another
+            configuration's results, or the predictor's output is malformed.
     """
     if batch_size < 1:
         raise PrumergeError(f"batch_size must be at least 1, got {batch_size}")
@@ -424,17 +544,48 @@ def run_config(
     directory = Path(out_dir) / config.name
     identity = _identity(benchmark, config)
 
+    lock = ResultsLock(out_dir) if rank == 0 else None
     error = None
-    if rank == 0:
+    if lock is not None:
         try:
-            _prepare_directory(
-                directory, identity, config, overwrite, benchmark.options.get("root")
-            )
+            lock.acquire()
         except PrumergeError as exc:
-            error = str(exc)
-    error = _broadcast_error(dist, error)
-    if error is not None:
-        raise PrumergeError(error)
+            lock, error = None, str(exc)
+    try:
+        if rank == 0 and error is None:
+            try:
+                _prepare_directory(
+                    directory, identity, config, overwrite, benchmark.options.get("root")
+                )
+            except PrumergeError as exc:
+                error = str(exc)
+        error = _broadcast_error(dist, error)
+        if error is not None:
+            raise PrumergeError(error)
+        _run_locked(benchmark, predictor, directory, dist, rank, world, batch_size, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+    return directory
+
+
+def share_error(error: str | None) -> str | None:
+    """Rank 0's error (or None) on every rank of an initialised process group; else ``error``."""
+    dist, _, _ = _distributed()
+    return _broadcast_error(dist, error)
+
+
+def _run_locked(
+    benchmark: Benchmark,
+    predictor: Predictor,
+    directory: Path,
+    dist: Any,
+    rank: int,
+    world: int,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    config_name = directory.name
 
     # Which samples are done: every rank reads every file (without repairing others' files),
     # so a run resumed with another world size, or after an unmerged parallel run, neither
@@ -458,7 +609,7 @@ def run_config(
         bar = tqdm(
             total=len(mine),
             initial=len(mine) - len(todo),
-            desc=f"{benchmark.name}/{config.name}",
+            desc=f"{benchmark.name}/{config_name}",
             unit="sample",
             dynamic_ncols=True,
         )
@@ -490,7 +641,6 @@ def run_config(
     elif _shard_files(directory):
         # Shards left by an interrupted parallel run: fold them in now.
         _merge(directory, [sample.id for sample in benchmark.samples])
-    return directory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,7 +718,7 @@ class Summary:
                 [
                     r.name,
                     r.method,
-                    "-" if r.budget is None else f"{r.budget:g}",
+                    format_budget(r.budget),
                     _fmt(r.score),
                     "-" if r.relative is None else f"{r.relative:.1f}%",
                     f"{r.tokens_in:.1f}",
@@ -605,13 +755,28 @@ def _detail_keys(results: Sequence[ConfigResult]) -> list[str]:
     return sorted(keys)
 
 
-def _result_for(directory: Path) -> ConfigResult | None:
+def _result_for(directory: Path, sample_ids: set[str] | None = None) -> ConfigResult | None:
     config_path = directory / CONFIG
     if not config_path.exists():
         return None
-    payload = json.loads(config_path.read_text(encoding="utf-8"))
-    identity = payload["identity"]
+    try:
+        payload = json.loads(config_path.read_text(encoding="utf-8"))
+        identity = payload["identity"]
+    except (ValueError, KeyError, TypeError, OSError):
+        raise PrumergeError(
+            f"{config_path} is unreadable; delete {directory} or run with --overwrite"
+        ) from None
     records = read_predictions(directory)
+    if sample_ids is not None:
+        foreign = [r for r in records if r["id"] not in sample_ids]
+        if foreign:
+            logger.warning(
+                "%s: %d record(s) with ids that are not in the benchmark (e.g. %r) are not counted",
+                directory,
+                len(foreign),
+                foreign[0]["id"],
+            )
+            records = [r for r in records if r["id"] in sample_ids]
     scores = score_records(identity["metric"], records)
     n = len(records)
     return ConfigResult(
@@ -638,6 +803,7 @@ def summarize(
     *,
     write: bool = True,
     plot: bool = True,
+    benchmark: Benchmark | None = None,
 ) -> Summary:
     """Score every configuration in ``out_dir`` and write the summary files.
 
@@ -648,6 +814,8 @@ def summarize(
         write: Write ``summary.txt``, ``summary.json`` and (with ``plot``)
             ``accuracy_vs_tokens.png``.
         plot: Draw the plot when writing.
+        benchmark: The benchmark the results are of, if at hand: records of samples it does
+            not hold are then left out (with a warning) instead of counted.
 
     Returns:
         The summary.
@@ -663,7 +831,8 @@ def summarize(
         if out.is_dir()
         else []
     )
-    results = [r for r in (_result_for(d) for d in directories) if r is not None]
+    sample_ids = None if benchmark is None else {s.id for s in benchmark.samples}
+    results = [r for r in (_result_for(d, sample_ids) for d in directories) if r is not None]
     if not results:
         raise PrumergeError(f"no evaluation results in {out}")
     benchmarks = {(r.benchmark, r.metric) for r in results}
@@ -771,6 +940,36 @@ def evaluate(
     names = [config.name for config, _ in configs]
     if len(set(names)) != len(names):
         raise PrumergeError(f"configuration names must be unique, got {names}")
+    dist, rank, _ = _distributed()
+    lock = ResultsLock(out_dir) if rank == 0 else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except PrumergeError as exc:
+            lock, error = None, str(exc)
+    error = _broadcast_error(dist, error)
+    if error is not None:
+        raise PrumergeError(error)
+    try:
+        return _evaluate_locked(
+            benchmark, configs, names, out_dir, batch_size, overwrite, progress, rank
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_locked(
+    benchmark: Benchmark,
+    configs: Sequence[tuple[EvalConfig, Predictor | Callable[[], Predictor]]],
+    names: list[str],
+    out_dir: str | Path,
+    batch_size: int,
+    overwrite: bool,
+    progress: bool,
+    rank: int,
+) -> Summary | None:
     for config, predictor in configs:
         owned = not isinstance(predictor, Predictor)
         built = predictor() if owned else predictor  # type: ignore[operator]
@@ -791,8 +990,6 @@ def evaluate(
             if owned and callable(close):
                 close()
         del built
-    dist, rank, _ = _distributed()
     if rank != 0:
         return None
-    summary = summarize(out_dir, names)
-    return summary
+    return summarize(out_dir, names, benchmark=benchmark)
