@@ -1,12 +1,43 @@
-"""Suite-wide settings: the tests use tiny models, for which one torch thread is fastest.
+"""Suite-wide settings and fixtures.
 
-Two threads per process buy nothing at these sizes and, on a shared 2-core machine, make
-every op wait for a core; with one, the suite runs several times faster.
+The tests use tiny models, for which one torch thread is fastest: two threads per process buy
+nothing at these sizes and, on a shared 2-core machine, make every op wait for a core; with
+one, the suite runs several times faster.
 """
 
-import os
+from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by subprocesses the tests start
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA checkpoint directory (model, tokenizer, processor)."""
+    from tests.eval.tiny_model import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread: the tiny model is latency-bound, and on a shared machine
+    extra threads only wait for each other. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(request: pytest.FixtureRequest) -> Path:
+    """Where the default model is built once (1-2 min) and then reused across sessions."""
+    if os.environ.get("PRUMERGE_CACHE"):
+        return Path(os.environ["PRUMERGE_CACHE"])
+    return Path(request.config.cache.mkdir("prumerge-default-model"))

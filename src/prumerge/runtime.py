@@ -47,7 +47,8 @@ def parse_budget(
     value: str | int | float | None, *, what: str = "keep", adaptive: bool = False
 ) -> int | float | None:
     """A token budget: ``64`` (a count), ``0.25`` (a ratio of the patch tokens), or, with
-    ``adaptive=True``, ``adaptive``/``auto``/None (no budget: the method's own choice).
+    ``adaptive=True``, ``adaptive``/``auto``/``none``/None (no budget: the method's own
+    choice).
 
     Text is a count only when it is written as an integer, so ``1`` is one token and ``1.0``
     all of them. Numbers (from Python or lmms-eval's argument parser) keep their type. The
@@ -58,7 +59,9 @@ def parse_budget(
     """
     from prumerge.ops import validate_keep
 
-    if value is None or (isinstance(value, str) and value.strip().lower() in ADAPTIVE_WORDS):
+    if value is None or (
+        isinstance(value, str) and value.strip().lower() in (*ADAPTIVE_WORDS, "none")
+    ):
         if adaptive:
             return None
         raise PrumergeError(f"{what}: give a count (64) or a ratio (0.25), got {value!r}")
@@ -195,12 +198,20 @@ def make_method(name: str, options: Mapping[str, Any] | None = None) -> Any:
     typed = coerce_options(name, options or {})
     try:
         method = build_method(name, **typed)
-        if not getattr(method, "inside_llm", False):
-            build_method(name, **typed).reduce(_trial_inputs())
     except (ValueError, TypeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PrumergeError(message if name in message else f"{name}: {message}") from None
+        raise _option_error(name, exc) from None
+    if not getattr(method, "inside_llm", False):
+        try:
+            build_method(name, **typed).reduce(_trial_inputs())
+        except Exception as exc:  # noqa: BLE001 - any failure here is the options' doing
+            raise _option_error(name, exc) from None
     return method
+
+
+def _option_error(name: str, exc: Exception) -> PrumergeError:
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    return PrumergeError(message if name in message else f"{name}: {message}")
 
 
 def _trial_inputs() -> Any:

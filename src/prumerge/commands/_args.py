@@ -60,7 +60,7 @@ def writable_file(path: str, flag: str, *, kind: str = "image") -> Path:
     if suffix not in formats:
         shown = ".png, .pdf, .svg" if kind == "plot" else ".png, .jpg, .webp"
         raise PrumergeError(
-            f"{flag} {path}: the name must end in the suffix of a {kind} format ({shown}, ...)"
+            f"{flag} {path}: the name must end in the suffix of {'a plot' if kind == 'plot' else 'an image'} format ({shown}, ...)"
         )
     folder = target.resolve().parent
     if not folder.is_dir():

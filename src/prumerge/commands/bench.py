@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         to_json,
     )
     from prumerge.images import load_image
-    from prumerge.runtime import load_model, parse_options, resolve_device
+    from prumerge.runtime import check_prompt_length, load_model, parse_options, resolve_device
 
     configs = parse_configs(args.methods, args.keep, parse_options(args.option))
     batch = int_arg(args.batch, "--batch", 1)
@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     )
     name = args.model or "default model (DINOv2-S/14 + SmolLM2-135M)"
     batches = make_batches(model, processor, prompt_fn(question), images, paths, batch)
+    check_prompt_length(model, batches[0].inputs["input_ids"], new_tokens)
 
     def progress(message: str) -> None:
         if not args.json:

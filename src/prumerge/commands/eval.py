@@ -495,6 +495,8 @@ def _evaluate_locked(
         summary_files=[str(out / "summary.txt"), str(out / "summary.json")],
         plot=None if args.no_plot else str(out / "accuracy_vs_tokens.png"),
         model_id=model_id,
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
         n_samples=len(benchmark.samples),
         processes=world,
         batch_size=args.batch_size,
