@@ -154,8 +154,8 @@ def _warn_if_too_big(results: list[Any], hardware: Any) -> None:
     print(
         f"prumerge: warning: {worst.visual_tokens} visual tokens at batch {worst.batch} need at "
         f"least {_bytes(worst.memory_needed)} (weights {_bytes(worst.weights)}, KV cache "
-        f"{_bytes(worst.kv_cache_final)}), more than the {hardware.name}'s "
-        f"{_bytes(hardware.memory)}: the roofline times assume it fits",
+        f"{_bytes(worst.kv_cache_final)}), more than {hardware.name} has "
+        f"({_bytes(hardware.memory)}); the roofline times assume it fits",
         file=sys.stderr,
     )
 
