@@ -300,6 +300,7 @@ def test_library_messages_reach_stderr(capsys: pytest.CaptureFixture[str]) -> No
         _show_library_messages()  # once per process, not once per call
         logging.getLogger("prumerge.models.default").info("building the default model into X")
         assert capsys.readouterr().err == "prumerge: building the default model into X\n"
+        assert len([h for h in logger.handlers if type(h).__name__ == "_StderrHandler"]) == 1
     finally:
         logger.handlers[:] = before[0]
         logger.setLevel(before[1])

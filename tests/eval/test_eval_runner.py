@@ -146,7 +146,7 @@ def test_corrupt_middle_line_is_set_aside_and_its_sample_redone(
     path.write_text("\n".join(lines[:2]) + "\n\n  \n" + "\n".join(lines[2:]) + "\n")  # blanks too
 
     second = FakePredictor()
-    with caplog.at_level("WARNING", logger="prumerge.eval.runner"):
+    with caplog.at_level("WARNING", logger="prumerge.eval.results"):
         run_config(bench, config, second, out, progress=False)
     # the four good lines are kept; only the unreadable one's sample runs again
     assert second.seen[0] == json.loads(broken)["id"] and len(second.seen) == N_SAMPLES - 4
@@ -164,7 +164,7 @@ def test_records_of_foreign_ids_are_not_counted(
     record = _lines(directory / "predictions.jsonl")[0] | {"id": "not-in-the-benchmark"}
     with (directory / "predictions.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with caplog.at_level("WARNING", logger="prumerge.eval.runner"):
+    with caplog.at_level("WARNING", logger="prumerge.eval.summary"):
         (result,) = summarize(tmp_path, ["none"], write=False, benchmark=bench).results
     assert (result.n, result.n_expected, result.complete) == (10, 10, True)
     assert "1 record(s) with ids that are not in the benchmark" in caplog.text

@@ -20,7 +20,7 @@ On disk, ``out_dir/<config name>/`` holds
   r, r+w, r+2w, ... and writes its own shard; after a barrier rank 0 merges the shards into
   ``predictions.jsonl`` in benchmark order and removes them.
 
-:func:`summarize` scores the records with the benchmark's metric and writes
+:func:`summarize` (in :mod:`prumerge.eval.summary`) scores the records with the benchmark's metric and writes
 ``summary.txt`` (a table), ``summary.json`` and ``accuracy_vs_tokens.png`` into ``out_dir``.
 
 One run at a time per ``out_dir``: :class:`ResultsLock` (a file lock, ``out_dir/.lock``) is
@@ -31,22 +31,29 @@ prediction a second time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
-import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from prumerge.errors import PrumergeError
 from prumerge.eval.datasets import Benchmark, Sample
-from prumerge.eval.metrics import METRIC_DESCRIPTIONS, score_records
+from prumerge.eval.results import (
+    CONFIG,
+    PREDICTIONS,
+    ResultsLock,
+    _read_jsonl_records,
+    _shard_files,
+    check_results_directory,
+    format_budget,
+    read_predictions,
+)
+from prumerge.eval.summary import ConfigResult, Summary, plot_summary, summarize
 
 __all__ = [
     "ConfigResult",
@@ -58,105 +65,14 @@ __all__ = [
     "check_directory",
     "check_results_directory",
     "evaluate",
+    "format_budget",
+    "plot_summary",
     "read_predictions",
     "run_config",
     "summarize",
 ]
 
 FORMAT_VERSION = 1
-PREDICTIONS = "predictions.jsonl"
-CONFIG = "config.json"
-LOCK = ".lock"
-REJECTED_SUFFIX = ".rejected"
-_SHARD_PATTERN = re.compile(r"predictions\.rank(\d+)-of-(\d+)\.jsonl")
-
-logger = logging.getLogger(__name__)
-
-
-def format_budget(budget: int | float | None) -> str:
-    """A budget as reports show it: ``64``, ``0.25``, ``1.0`` (a ratio is never shown as 1)."""
-    if budget is None:
-        return "-"
-    return str(budget) if isinstance(budget, int) else repr(float(budget))
-
-
-# ---------------------------------------------------------------------------------------------
-# One run per results directory
-# ---------------------------------------------------------------------------------------------
-
-
-def check_results_directory(out_dir: str | Path) -> Path:
-    """Check, without writing, that ``out_dir`` is or can become a writable folder.
-
-    Raises:
-        PrumergeError: It is a file, or it (or the nearest existing parent) is not writable.
-    """
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise PrumergeError(f"results directory {out} is a file; give a folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise PrumergeError(f"cannot create results directory {out}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PrumergeError(f"cannot write results into {out}: {existing} is not writable")
-    return out
-
-
-class ResultsLock:
-    """An exclusive, non-blocking lock on a results directory, re-entrant in one process.
-
-    ``acquire`` creates the directory if need be and takes ``out_dir/.lock``; another process
-    that holds it makes ``acquire`` raise at once. A directory this lock created is removed
-    again on release if nothing but the lock file ended up in it.
-    """
-
-    _held: dict[Path, tuple[Any, int, bool]] = {}
-
-    def __init__(self, out_dir: str | Path) -> None:
-        self.out = Path(out_dir).expanduser().resolve()
-
-    def acquire(self) -> None:
-        from filelock import FileLock, Timeout
-
-        if self.out in self._held:
-            lock, count, created = self._held[self.out]
-            self._held[self.out] = (lock, count + 1, created)
-            return
-        check_results_directory(self.out)
-        created = not self.out.exists()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(self.out / LOCK), timeout=0)
-            lock.acquire()
-        except Timeout:
-            raise PrumergeError(
-                f"{self.out} is in use by another evaluation run; wait for it to finish or "
-                "give another results directory"
-            ) from None
-        except OSError as exc:
-            raise PrumergeError(f"cannot lock results directory {self.out}: {exc}") from None
-        self._held[self.out] = (lock, 1, created)
-
-    def release(self) -> None:
-        lock, count, created = self._held[self.out]
-        if count > 1:
-            self._held[self.out] = (lock, count - 1, created)
-            return
-        del self._held[self.out]
-        lock.release()
-        if created and [p.name for p in self.out.iterdir()] == [LOCK]:
-            (self.out / LOCK).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # someone else wrote into it meanwhile
-                self.out.rmdir()
-
-    def __enter__(self) -> ResultsLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 @dataclass(frozen=True)
@@ -341,89 +257,6 @@ def _prepare_directory(
 # ---------------------------------------------------------------------------------------------
 # Prediction files
 # ---------------------------------------------------------------------------------------------
-
-
-def _shard_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if _SHARD_PATTERN.fullmatch(p.name))
-
-
-def _read_jsonl_records(path: Path, repair: bool) -> list[dict[str, Any]]:
-    """Read a predictions file, keeping every good record.
-
-    A killed writer can leave only a prefix of its last record, without the newline: that
-    torn tail is ignored. Blank lines are skipped. A line that does not parse as a record
-    (a torn write followed by more writes, a disk error, an edit) is ignored with a warning,
-    so its sample counts as not done. With ``repair`` (only a file's owner should repair),
-    such lines and the torn tail are cut out of the file, and the unreadable lines are
-    appended to ``<file>.rejected``.
-    """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records: list[dict[str, Any]] = []
-    good: list[bytes] = []
-    bad: list[tuple[int, bytes]] = []
-    position = 0
-    number = 0
-    changed = False
-    while position < len(data):
-        number += 1
-        end = data.find(b"\n", position)
-        if end == -1:
-            changed = True  # torn: the last record never got its newline
-            break
-        line = data[position:end]
-        position = end + 1
-        if not line.strip():
-            changed = True
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                raise ValueError("not a prediction record")
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            bad.append((number, line))
-            continue
-        records.append(record)
-        good.append(line)
-    if bad:
-        numbers = ", ".join(str(n) for n, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        what = f"{path}: {len(bad)} unreadable line(s) (line {numbers})"
-        if repair:
-            rejected = path.with_name(path.name + REJECTED_SUFFIX)
-            with rejected.open("ab") as handle:
-                handle.write(b"".join(line + b"\n" for _, line in bad))
-            logger.warning("%s set aside in %s; their samples run again", what, rejected)
-        else:
-            logger.warning("%s skipped", what)
-    if repair and (bad or changed):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(line + b"\n" for line in good))
-        os.replace(tmp, path)
-    return records
-
-
-def read_predictions(directory: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """All prediction records in a configuration directory, merged and shard files alike.
-
-    Args:
-        directory: ``out_dir/<config name>``.
-        repair: Cut torn last lines off the files (only the process that owns them should).
-
-    Returns:
-        Records, each id once (the first occurrence wins), merged file first, then shards.
-    """
-    directory = Path(directory)
-    seen: set[str] = set()
-    out = []
-    for path in [directory / PREDICTIONS, *_shard_files(directory)]:
-        for record in _read_jsonl_records(path, repair=repair):
-            if record["id"] not in seen:
-                seen.add(record["id"])
-                out.append(record)
-    return out
 
 
 def _record(sample: Sample, prediction: Prediction, seconds: float) -> dict[str, Any]:
@@ -641,275 +474,6 @@ def _run_locked(
     elif _shard_files(directory):
         # Shards left by an interrupted parallel run: fold them in now.
         _merge(directory, [sample.id for sample in benchmark.samples])
-
-
-# ---------------------------------------------------------------------------------------------
-# Summaries
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConfigResult:
-    """Scores and costs of one configuration.
-
-    Attributes:
-        name: Configuration (directory) name.
-        method: Reduction method.
-        budget: Its budget, or None.
-        model_id: Model.
-        benchmark: Benchmark name.
-        metric: Metric name.
-        score: Headline score (see the metric's description), or None without references.
-        relative: ``score`` as a percentage of the ``none`` configuration's, or None.
-        scores: All metric outputs (per subtask, per split, ...).
-        tokens_in: Mean visual tokens before reduction.
-        tokens_out: Mean visual tokens the language model received.
-        n: Records scored.
-        n_expected: Samples in the benchmark.
-        predict_seconds: Total time spent in ``predict`` over all runs and ranks.
-    """
-
-    name: str
-    method: str
-    budget: int | float | None
-    model_id: str
-    benchmark: str
-    metric: str
-    score: float | None
-    relative: float | None
-    scores: dict[str, float]
-    tokens_in: float
-    tokens_out: float
-    n: int
-    n_expected: int
-    predict_seconds: float
-
-    @property
-    def complete(self) -> bool:
-        return self.n == self.n_expected
-
-
-@dataclass
-class Summary:
-    """Results of all configurations in one output directory."""
-
-    benchmark: str
-    metric: str
-    results: list[ConfigResult]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict, configurations keyed by name."""
-        return {
-            "benchmark": self.benchmark,
-            "metric": self.metric,
-            "metric_description": METRIC_DESCRIPTIONS.get(self.metric, self.metric),
-            "configs": {r.name: asdict(r) | {"complete": r.complete} for r in self.results},
-        }
-
-    def table(self) -> str:
-        """A plain-text table, one row per configuration, in the summary's order."""
-        details = _detail_keys(self.results)
-        header = ["config", "method", "budget", "score", "vs none", "tok in", "tok out", "n"]
-        header += details + ["time s", "s/sample"]
-        rows = [header]
-        for r in self.results:
-            per_sample = r.predict_seconds / r.n if r.n else float("nan")
-            rows.append(
-                [
-                    r.name,
-                    r.method,
-                    format_budget(r.budget),
-                    _fmt(r.score),
-                    "-" if r.relative is None else f"{r.relative:.1f}%",
-                    f"{r.tokens_in:.1f}",
-                    f"{r.tokens_out:.1f}",
-                    f"{r.n}" if r.complete else f"{r.n}/{r.n_expected}",
-                ]
-                + [_fmt(r.scores.get(key)) for key in details]
-                + [f"{r.predict_seconds:.1f}", f"{per_sample:.3f}"]
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
-            for row in rows
-        ]
-        description = METRIC_DESCRIPTIONS.get(self.metric, self.metric)
-        lines.insert(0, f"{self.benchmark}: score = {description}")
-        return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return (
-        "-"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (f"{value:.2f}")
-    )
-
-
-def _detail_keys(results: Sequence[ConfigResult]) -> list[str]:
-    keys: dict[str, None] = {}
-    for r in results:
-        for key in r.scores:
-            if key.endswith(("/score", "/f1")) or key in ("perception", "cognition"):
-                keys[key] = None
-    return sorted(keys)
-
-
-def _result_for(directory: Path, sample_ids: set[str] | None = None) -> ConfigResult | None:
-    config_path = directory / CONFIG
-    if not config_path.exists():
-        return None
-    try:
-        payload = json.loads(config_path.read_text(encoding="utf-8"))
-        identity = payload["identity"]
-    except (ValueError, KeyError, TypeError, OSError):
-        raise PrumergeError(
-            f"{config_path} is unreadable; delete {directory} or run with --overwrite"
-        ) from None
-    records = read_predictions(directory)
-    if sample_ids is not None:
-        foreign = [r for r in records if r["id"] not in sample_ids]
-        if foreign:
-            logger.warning(
-                "%s: %d record(s) with ids that are not in the benchmark (e.g. %r) are not counted",
-                directory,
-                len(foreign),
-                foreign[0]["id"],
-            )
-            records = [r for r in records if r["id"] in sample_ids]
-    scores = score_records(identity["metric"], records)
-    n = len(records)
-    return ConfigResult(
-        name=payload["name"],
-        method=identity["method"],
-        budget=identity["budget"],
-        model_id=identity["model_id"],
-        benchmark=identity["benchmark"],
-        metric=identity["metric"],
-        score=scores.get("score"),
-        relative=None,
-        scores=scores,
-        tokens_in=sum(r["tokens_in"] for r in records) / n if n else float("nan"),
-        tokens_out=sum(r["tokens_out"] for r in records) / n if n else float("nan"),
-        n=n,
-        n_expected=identity["n_samples"],
-        predict_seconds=sum(float(r.get("time_s", 0.0)) for r in records),
-    )
-
-
-def summarize(
-    out_dir: str | Path,
-    names: Sequence[str] | None = None,
-    *,
-    write: bool = True,
-    plot: bool = True,
-    benchmark: Benchmark | None = None,
-) -> Summary:
-    """Score every configuration in ``out_dir`` and write the summary files.
-
-    Args:
-        out_dir: Results directory of one benchmark.
-        names: Configurations to include, in this order; default: all, sorted by method, then
-            by decreasing mean tokens.
-        write: Write ``summary.txt``, ``summary.json`` and (with ``plot``)
-            ``accuracy_vs_tokens.png``.
-        plot: Draw the plot when writing.
-        benchmark: The benchmark the results are of, if at hand: records of samples it does
-            not hold are then left out (with a warning) instead of counted.
-
-    Returns:
-        The summary.
-
-    Raises:
-        PrumergeError: No configuration found, or configurations of different benchmarks.
-    """
-    out = Path(out_dir)
-    directories = (
-        [out / name for name in names]
-        if names is not None
-        else sorted(p for p in out.iterdir() if (p / CONFIG).exists())
-        if out.is_dir()
-        else []
-    )
-    sample_ids = None if benchmark is None else {s.id for s in benchmark.samples}
-    results = [r for r in (_result_for(d, sample_ids) for d in directories) if r is not None]
-    if not results:
-        raise PrumergeError(f"no evaluation results in {out}")
-    benchmarks = {(r.benchmark, r.metric) for r in results}
-    if len(benchmarks) > 1:
-        raise PrumergeError(f"{out} mixes results of several benchmarks: {sorted(benchmarks)}")
-    if names is None:
-        results.sort(key=lambda r: (r.method != "none", r.method, -_finite(r.tokens_out)))
-    baseline = next((r for r in results if r.method == "none" and r.score is not None), None)
-    if baseline is not None and baseline.score:
-        for r in results:
-            if r.score is not None:
-                r.relative = 100.0 * r.score / baseline.score
-    benchmark, metric = benchmarks.pop()
-    summary = Summary(benchmark=benchmark, metric=metric, results=results)
-    if write:
-        (out / "summary.txt").write_text(summary.table() + "\n", encoding="utf-8")
-        (out / "summary.json").write_text(
-            json.dumps(summary.to_dict(), indent=2, default=str) + "\n", encoding="utf-8"
-        )
-        if plot:
-            plot_summary(summary, out / "accuracy_vs_tokens.png")
-    return summary
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -1.0
-
-
-def plot_summary(summary: Summary, path: str | Path) -> Path:
-    """Plot the headline score against mean visual tokens, one line per method.
-
-    Uses matplotlib's object-oriented API with the Agg canvas, so no global backend is set.
-
-    Args:
-        summary: The summary to plot.
-        path: PNG file to write.
-
-    Returns:
-        The path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.4), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    by_method: dict[str, list[ConfigResult]] = {}
-    for r in summary.results:
-        if r.score is not None and math.isfinite(r.tokens_out):
-            by_method.setdefault(r.method, []).append(r)
-    for method, results in sorted(by_method.items()):
-        results = sorted(results, key=lambda r: r.tokens_out)
-        xs = [r.tokens_out for r in results]
-        ys = [float(r.score or 0.0) for r in results]  # None was filtered out above
-        if method == "none":
-            axes.axhline(ys[0], color="0.4", linestyle="--", linewidth=1, label="none (full)")
-            axes.plot(xs, ys, "k*", markersize=10)
-            continue
-        axes.plot(xs, ys, "o-", label=method)
-        for r in results:
-            axes.annotate(
-                r.name,
-                (r.tokens_out, r.score),
-                fontsize=7,
-                alpha=0.7,
-                textcoords="offset points",
-                xytext=(3, 3),
-            )
-    axes.set_xlabel("mean visual tokens given to the language model")
-    axes.set_ylabel(METRIC_DESCRIPTIONS.get(summary.metric, summary.metric))
-    axes.set_title(summary.benchmark)
-    axes.grid(True, alpha=0.3)
-    if by_method:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
 
 
 def evaluate(
