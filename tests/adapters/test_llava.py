@@ -261,7 +261,7 @@ def test_unsupported_model_class():
         prumerge.apply(llm)
 
 
-def test_tower_without_cls_token():
+def test_tower_without_cls_token_needs_the_full_strategy():
     model = tiny_llava("clip")
     config = model.config
     config.vision_config = SiglipVisionConfig(
@@ -275,7 +275,23 @@ def test_tower_without_cls_token():
     from transformers import SiglipVisionModel
 
     model.model.vision_tower = SiglipVisionModel(config.vision_config)
-    with pytest.raises(PrumergeError, match="SiglipVisionModel is not supported.*CLIP"):
+    with pytest.raises(PrumergeError, match="SigLIP has no \\[CLS\\] token; supported: 'full'"):
+        prumerge.apply(model)
+    config.vision_feature_select_strategy = "full"
+    with pytest.raises(PrumergeError, match="importance='cls' needs a \\[CLS\\] token"):
+        prumerge.apply(model, "prumerge", importance="cls")
+    with prumerge.apply(model, "prumerge") as handle:  # importance="mean" is chosen
+        assert handle.adapter.tower.importance == "mean"
+
+
+def test_unsupported_tower():
+    from transformers import ViTConfig, ViTModel
+
+    model = tiny_llava("clip")
+    model.model.vision_tower = ViTModel(
+        ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    )
+    with pytest.raises(PrumergeError, match="ViTModel is not supported; supported: CLIP.*SigLIP"):
         prumerge.apply(model)
 
 
