@@ -7,6 +7,9 @@ class. LLM-side methods (FastV) go through ``llm.LanguagePatch`` instead.
 """
 
 from prumerge.adapters import llava as _llava  # noqa: F401  (registers the families, in order)
+from prumerge.adapters import llava_next as _llava_next  # noqa: F401
+from prumerge.adapters import llava_onevision as _llava_onevision  # noqa: F401
+from prumerge.adapters import qwen2_5_vl as _qwen2_5_vl  # noqa: F401
 from prumerge.adapters.base import (
     FAMILIES,
     Encoded,

@@ -72,11 +72,15 @@ class Encoded:
         features: per image, its (L_i, H) tokens for the LLM, in placeholder order.
         tokens_in: per image, its placeholder count before reduction.
         reductions: the ``Reduction`` of every group of views reduced together.
+        anchors: per image, (L_i,) int64: the placeholder (index within the image's
+            unreduced run) whose position each token takes with ``positions="original"``:
+            a kept patch its own, a merged token its anchor patch (``Reduction.anchors``).
     """
 
     features: list[torch.Tensor]
     tokens_in: list[int]
     reductions: list[Reduction]
+    anchors: list[torch.Tensor]
 
 
 class FamilyAdapter:
@@ -84,7 +88,8 @@ class FamilyAdapter:
     where the reduced tokens go. A new family is a new module with one subclass.
 
     Subclasses set the class attributes and implement ``placeholder_counts`` and ``encode``;
-    M-RoPE families also implement ``rope_positions``.
+    M-RoPE families also implement ``rope_positions`` (and ``resized_rope_positions`` if
+    they support resizing methods).
     """
 
     #: Name of the family in ``FAMILIES`` and the README's table.
@@ -134,10 +139,13 @@ class FamilyAdapter:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         images: dict[str, Any],
-        packed: Packed,
-        encoded: Encoded,
     ) -> torch.Tensor:
-        """(3, B, L') M-RoPE indices of the shrunk sequence (M-RoPE families only)."""
+        """(3, B, L) M-RoPE indices of the unreduced prompt (M-RoPE families only)."""
+        raise NotImplementedError
+
+    def resized_rope_positions(self, packed: Packed) -> torch.Tensor:
+        """(3, B, L') M-RoPE indices of the shrunk prompt when the images were resized
+        (``downsample``): the indices of the smaller images."""
         raise NotImplementedError
 
 
@@ -399,21 +407,25 @@ class Handle:
         packed: Packed,
         encoded: Encoded,
     ) -> torch.Tensor | None:
-        if self.adapter.mrope:
-            if position_ids is not None:
-                return packed.carry(position_ids)
-            return self.adapter.rope_positions(
-                input_ids, None if mask_4d else attention_mask, images, packed, encoded
-            )
-        if self.positions == "compact":
+        if not self.adapter.mrope and self.positions == "compact":
             return None if position_ids is None else packed.position_ids(position_ids)
+        resized = getattr(self.method, "resizes_input", False)
+        if self.adapter.mrope and resized and position_ids is None:
+            return self.adapter.resized_rope_positions(packed)
         if position_ids is None:
-            if attention_mask is None or mask_4d:
+            if self.adapter.mrope:
+                position_ids = self.adapter.rope_positions(
+                    input_ids, None if mask_4d else attention_mask, images
+                )
+            elif attention_mask is None or mask_4d:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
                 position_ids = position_ids.expand_as(input_ids)
             else:
                 position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        return packed.carry(position_ids)
+        lengths = torch.tensor([f.shape[0] for f in encoded.features], device=input_ids.device)
+        anchors = torch.cat(encoded.anchors) if encoded.anchors else lengths[:0]
+        source = packed.anchored_source(self.adapter.image_token_id, lengths, anchors)
+        return packed.carry(position_ids, source)
 
     def _disarm(self) -> None:
         if self.fastv is not None:

@@ -61,9 +61,20 @@ class LlavaAdapter(FamilyAdapter):
         reduction = self.method.reduce(out.inputs)
         tokens = torch.cat([out.passthrough.to(reduction.tokens.dtype), reduction.tokens], dim=1)
         projected = self.projector(tokens.to(execution_device(self.projector)))  # (I, R + K, H)
-        lengths = (reduction.lengths + out.passthrough.shape[1]).tolist()
+        registers = out.passthrough.shape[1]
+        lengths = (reduction.lengths + registers).tolist()
+        if self.tower.resizes:  # a smaller image: its tokens take the first placeholders
+            anchors = [torch.arange(n, device=projected.device) for n in lengths]
+        else:
+            patches = reduction.anchors() + registers  # registers stand at themselves
+            prefix = torch.arange(registers, device=patches.device)
+            anchors = [
+                torch.cat([prefix, row[: n - registers]])
+                for row, n in zip(patches, lengths, strict=True)
+            ]
         return Encoded(
             features=[row[:n] for row, n in zip(projected, lengths, strict=True)],
             tokens_in=self.placeholder_counts(images).tolist(),
             reductions=[reduction],
+            anchors=anchors,
         )

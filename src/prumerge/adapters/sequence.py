@@ -50,22 +50,45 @@ class Packed:
         shift = torch.searchsorted(cut, taken.contiguous())  # cut positions below each
         return torch.where(self.valid, taken - shift, torch.zeros_like(taken))
 
-    def carry(self, position_ids: torch.Tensor) -> torch.Tensor:
+    def carry(self, position_ids: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """Carry positions through the cut without closing its gaps (``positions="original"``,
-        and Qwen's M-RoPE): every kept token keeps the position it had before reduction, so
-        text after an image continues as it would without reduction.
+        and Qwen's M-RoPE): text after an image continues as it would without reduction.
 
         Args:
             position_ids: (..., B, L) positions of the input tokens (leading dims, such as
                 M-RoPE's 3 axes, are carried alike).
+            source: (B, L') the input position whose position id each output slot takes;
+                default ``self.source``. ``anchored_source`` gives every image token the
+                position of the patch it stands for.
 
         Returns:
             (..., B, L') positions of the output slots (0 on padding slots).
         """
         lead = position_ids.shape[:-2]
-        source = self.source.expand(*lead, *self.source.shape)
+        source = self.source if source is None else source
+        source = source.expand(*lead, *source.shape)
         taken = position_ids.expand(*lead, *self.source.shape[:1], -1).gather(-1, source)
         return torch.where(self.valid, taken, torch.zeros_like(taken))
+
+    def anchored_source(
+        self, image_token_id: int, lengths: torch.Tensor, anchors: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L') like ``source``, but every image token points at the placeholder of the
+        patch it stands for rather than at the k-th placeholder of its image's run.
+
+        Args:
+            image_token_id: the placeholder id.
+            lengths: (I,) reduced token count of every image.
+            anchors: (sum lengths,) for every reduced token, in order, the index within its
+                image's unreduced run of the placeholder it stands at.
+        """
+        image, within = assign_placeholders(self.input_ids, image_token_id, lengths)
+        is_image = (self.input_ids == image_token_id) & self.valid
+        offsets = lengths.cumsum(0) - lengths
+        flat = (offsets.to(image.device)[image] + within).clamp(max=max(anchors.shape[0] - 1, 0))
+        anchor = anchors.to(image.device)[flat] if anchors.numel() else torch.zeros_like(flat)
+        # Runs are contiguous in the input: the run starts at source - within.
+        return torch.where(is_image, self.source - within + anchor, self.source)
 
     def attention_mask_4d(self, mask: torch.Tensor) -> torch.Tensor:
         """Carry a caller-given (B, 1 or heads, L, L) mask through the cut.
