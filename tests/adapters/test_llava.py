@@ -362,3 +362,21 @@ def test_visionzip_reads_the_layer_that_produces_the_features():
             handle.method.reduce = spy
             handle.encode_images(pixels)
         torch.testing.assert_close(seen["attn"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_downsample_runs_the_tower_on_a_resized_image(model):
+    pixels = images(3, seed=12)
+    ids, mask = left_pad(ROWS)
+    seen = []
+    hook = model.model.vision_tower.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0].shape, kwargs)), with_kwargs=True
+    )
+    with prumerge.apply(model, "downsample", keep=9) as handle:
+        cached = generate(model, ids, mask, pixels)
+        uncached = generate(model, ids, mask, pixels, use_cache=False)
+    hook.remove()
+    assert handle.stats.tokens_out == [9, 9, 9] and handle.stats.tokens_in == [PATCHES] * 3
+    assert seen[0][0][-2:] == (21, 21)  # a 3x3 grid of 7-px patches instead of 6x6
+    if type(model.model.vision_tower).__name__ == "CLIPVisionModel":
+        assert seen[0][1]["interpolate_pos_encoding"] is True
+    assert torch.equal(cached, uncached)
