@@ -9,6 +9,10 @@ LLM in bfloat16. Every 100 steps the script prints greedy first-token accuracy p
 (unbalanced, as the test split comes). Optionally the projector trains too (JOINT = its
 learning rate), and a penalty (weight NORM_L) pushes the visual tokens' norms under NORM_T.
 
+It uses the projector-only training helpers of `prumerge.models.train` as they were at commit
+a34c537, before training moved to `prumerge.train` with reduction in the loop; run it from that
+commit (`git worktree add /tmp/probe a34c537`), where its recorded figures were measured.
+
 Usage:
   python benchmarks/probes/visual_soft_prompt.py NP STEPS NTEST LR [THREADS [JOINT [NORM_T NORM_L]]]
 

@@ -48,6 +48,26 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def default_variant(model: str | None) -> str | None:
+    """The embedded model's variant that ``--model`` names, or None for a Hugging Face model.
+
+    ``None`` and ``"default"`` mean the default variant; ``"default:base"`` (any
+    ``default:VARIANT``) a named one. Unknown variants get a one-line error.
+    """
+    if model is None or model == "default":
+        return "default"
+    if not model.startswith("default:"):
+        return None
+    from prumerge.models.default import VARIANTS
+
+    variant = model.split(":", 1)[1]
+    if variant not in VARIANTS:
+        raise PrumergeError(
+            f"--model {model}: unknown variant; choose default:{' or default:'.join(VARIANTS)}"
+        )
+    return variant
+
+
 def load_model(
     model: str | None,
     *,
@@ -55,7 +75,8 @@ def load_model(
     cache_dir: str | None = None,
     dtype: str | torch.dtype | None = None,
 ):
-    """``(model, processor, prompt_fn)`` for the default model (None) or an HF id/directory.
+    """``(model, processor, prompt_fn)`` for the default model (None, ``"default"`` or
+    ``"default:base"``) or an HF id/directory.
 
     ``prompt_fn(question)`` formats one question about one image with the model's template.
     ``dtype`` is a torch dtype or its name ("float16", "bfloat16", "auto"); default float32.
@@ -63,11 +84,15 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if model is None:
+    variant = default_variant(model)
+    if variant is not None:
         from prumerge.models.default import format_prompt, load_default_model
 
         loaded, processor = load_default_model(
-            cache_dir=cache_dir, device=device, dtype=_dtype(dtype) or torch.float32
+            cache_dir=cache_dir,
+            device=device,
+            dtype=_dtype(dtype) or torch.float32,
+            variant=variant,
         )
         return loaded, processor, lambda question: format_prompt(processor, question)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.conftest import requires_default_weights
+from tests.default_model import requires_default_weights
 
 pytestmark = requires_default_weights
 
@@ -116,8 +116,9 @@ def _shipped_prompt_tokens() -> int:
 def test_answers_easy_vqa_with_all_tokens(default_model, fixed_questions):
     from PIL import Image
 
+    import prumerge
     from prumerge.models import format_prompt, normalize_answer
-    from prumerge.models.train import answer_questions
+    from prumerge.shared_prefix import answer_shared_prefix
 
     model, processor = default_model
     answers = []
@@ -137,8 +138,17 @@ def test_answers_easy_vqa_with_all_tokens(default_model, fixed_questions):
 
     # The shared-prefix evaluator used by training gives the same greedy answers as generate().
     images = [Image.open(p).convert("RGB") for p, _, _ in fixed_questions[:4]]
-    fast = answer_questions(model, processor, images, [[q] for _, q, _ in fixed_questions[:4]])
-    assert [row[0] for row in fast] == answers[:4]
+    with prumerge.apply(model, "none") as handle:
+        fast = answer_shared_prefix(
+            model,
+            processor,
+            handle,
+            images,
+            [[q] for _, q, _ in fixed_questions[:4]],
+            lambda q: format_prompt(processor, q),
+            max_new_tokens=4,
+        )
+    assert [row[0] for row in fast] == [a.strip() for a in answers[:4]]
 
 
 def test_answers_easy_vqa_with_prumerge_plus(default_model, fixed_questions):
@@ -171,12 +181,19 @@ def test_training_sequence_labels_only_answers(default_model):
     from PIL import Image
 
     from prumerge.models import format_prompt
-    from prumerge.models.train import encode_conversation
+    from prumerge.train.packing import encode_chat
 
     model, processor = default_model
     turns = [("what color is the shape?", "red"), ("is there a circle?", "no")]
     n = model.config.image_seq_length
-    ids, labels = encode_conversation(processor, turns, n)
+
+    def render(messages, generation):
+        return processor.apply_chat_template(
+            messages, add_generation_prompt=generation, tokenize=False
+        )
+
+    sequence = encode_chat(processor, turns, n, render)
+    ids, labels = sequence.input_ids, sequence.labels
     tokenizer = processor.tokenizer
     assert tokenizer.decode(ids[labels != -100]) == "red<|im_end|>no<|im_end|>"
     # The first turn is tokenised exactly like the inference prompt.
@@ -191,10 +208,21 @@ def test_training_sequence_labels_only_answers(default_model):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--steps", "0"], "--steps must be positive"),
-        (["--train-images", "0"], "--train-images must be positive"),
-        (["--eval-images", "-1"], "--eval-images must not be negative"),
-        (["--eval-only", "--eval-images", "0"], "--eval-only needs at least one --eval-images"),
+        (["--steps", "0"], "--steps must be a positive number; got 0"),
+        (["--train-images", "0"], "--train-images must be a positive number; got 0"),
+        (["--eval-images", "-1"], "--eval-images must be a number >= 0; got -1"),
+        (["--lr", "nan"], "--lr must be a positive number; got nan"),
+        (["--warmup-steps", "-3"], "--warmup-steps must be a number >= 0; got -3"),
+        (["--time-budget-min", "0"], "--time-budget-min must be a positive number; got 0.0"),
+        (
+            ["--reduce", "fastv@64"],
+            "--reduce: fastv prunes inside the language model and cannot train with labels; use a vision-side method",
+        ),
+        (
+            ["--eval-only", "--eval-images", "0"],
+            "--eval-only needs --eval-images or --eval-scenes above 0",
+        ),
+        (["--eval-only", "--variant", "nope"], "--variant must be one of: default, base"),
     ],
 )
 def test_train_cli_rejects_bad_input(capsys, argv, message):

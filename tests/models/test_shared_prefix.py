@@ -107,3 +107,29 @@ def test_fastv_is_refused():
         pytest.raises(prumerge.errors.PrumergeError),
     ):
         answer_shared_prefix(model, build_processor(), handle, [], [], str)
+
+
+def test_predictor_answers_equal_generate_on_the_generated_benchmark():
+    """`prumerge eval`'s predictor shares prefixes by image; its answers are `generate`'s."""
+    from prumerge.data import synth
+    from prumerge.eval.predictor import ModelPredictor
+    from tests.adapters.conftest import tiny_llava
+    from tests.eval.tiny_model import build_processor
+
+    model = tiny_llava("clip")
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    processor = build_processor()
+    processor.tokenizer.padding_side = "left"
+    samples = list(synth.iter_samples(3, split="test"))[:25]  # questions of 3 scenes
+    prompt_fn = lambda q: f"USER : <image> {q} ASSISTANT :"  # noqa: E731
+    with ModelPredictor(model, processor, prompt_fn, "prumerge", max_new_tokens=4) as predictor:
+        shared = predictor.predict(samples)
+        assert predictor.handle.stats.tokens_in == [36] * 3  # one vision pass per scene
+        one_by_one = predictor.generate(
+            [prompt_fn(s.prompt) for s in samples],
+            [[s.load_image()] for s in samples],
+            formatted=True,
+        )
+    assert [p.text for p in shared] == [g.text for g in one_by_one]
+    assert [p.tokens_out for p in shared] == [g.tokens_out for g in one_by_one]

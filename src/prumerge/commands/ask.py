@@ -19,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("image", help="image file (any format PIL reads)")
     parser.add_argument("question", help="the question, in quotes")
-    parser.add_argument("--model", help="HF LLaVA model id or local directory (default: embedded)")
+    parser.add_argument(
+        "--model",
+        help="HF LLaVA model id or local directory, or default:base for the embedded model "
+        "trained without reduction (default: the embedded model)",
+    )
     parser.add_argument(
         "--method", default="prumerge", help="reduction method (see `prumerge methods`)"
     )

@@ -57,7 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--new-tokens", default="16", help="tokens generated per answer, exactly (default 16)"
     )
-    parser.add_argument("--model", help="HF LLaVA model id or local directory (default: embedded)")
+    parser.add_argument(
+        "--model",
+        help="HF LLaVA model id or local directory, or default:base for the embedded model "
+        "trained without reduction (default: the embedded model)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument(
         "--dtype", default="auto", help=f"model dtype: {', '.join(_DTYPES)} (default: as loaded)"

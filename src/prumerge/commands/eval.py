@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data-root", metavar="DIR", help="benchmark data directory (for external benchmarks)"
     )
     parser.add_argument(
-        "--model", help="HF LLaVA model id or local directory (default: the embedded model)"
+        "--model",
+        help="HF LLaVA model id or local directory, or default:base for the embedded model "
+        "trained without reduction (default: the embedded model)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call")
     parser.add_argument(
@@ -337,11 +339,15 @@ def _init_distributed(world: int, device: str) -> bool:
 def _model_id(requested: str | None, model: Any) -> str:
     """What identifies the model in result files.
 
-    The embedded model is named by its cache entry, which hashes the projector weights, so
-    results of an untrained projector never mix with a trained one's.
+    The embedded model is named by its variant and cache entry, which hashes the projector
+    and adapter weights, so results of different weights never mix.
     """
-    if requested is None:
-        return "default:" + Path(str(getattr(model, "name_or_path", "") or "untitled")).name
+    from prumerge.runtime import default_variant
+
+    variant = default_variant(requested)
+    if variant is not None:
+        entry = Path(str(getattr(model, "name_or_path", "") or "untitled")).name
+        return ("default:" if variant == "default" else f"default:{variant}:") + entry
     path = Path(requested).expanduser()
     return str(path.resolve()) if path.exists() else requested
 

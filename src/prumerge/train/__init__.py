@@ -1,0 +1,13 @@
+"""Training with visual-token reduction in the loop.
+
+- :mod:`prumerge.train.config`: the options of a run and their checks.
+- :mod:`prumerge.train.mixture`: the reductions drawn per step.
+- :mod:`prumerge.train.packing`: question-answer turns into sequences and batches.
+- :mod:`prumerge.train.items`: training items from easy-vqa, generated scenes or LLaVA JSON.
+- :mod:`prumerge.train.modules`: the standardised projector and learned prompt embeddings.
+- :mod:`prumerge.train.lora`: LoRA adapters through peft; merging them into the weights.
+- :mod:`prumerge.train.loop`: the loop (checkpoints, resume, data parallel).
+- :mod:`prumerge.train.evaluate`: quick accuracy checks with shared prefixes.
+- :mod:`prumerge.train.recipe`: the named recipe that rebuilds the shipped weights.
+- :mod:`prumerge.train.install`: shipping a run's weights as a default-model variant.
+"""

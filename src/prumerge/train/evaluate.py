@@ -1,0 +1,175 @@
+"""Quick accuracy checks of a trained default model: easy-vqa and generated scenes.
+
+Both answer every question of an image through one shared prefix
+(``prumerge.shared_prefix``), with the reduction given, greedy, and score exact match of the
+first word (``normalize_answer``). The benchmark harness (``prumerge eval``) is the reference
+for reported tables; these run inside training and the recipe, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prumerge.data.easy_vqa import is_negated, load_easy_vqa, question_type
+
+__all__ = ["evaluate_easy_vqa", "evaluate_groups", "evaluate_synth"]
+
+Group = tuple[Callable[[], Any], list[tuple[str, str, str]]]  # image, (question, answer, kind)
+
+
+def evaluate_groups(
+    model: Any,
+    processor: Any,
+    groups: Sequence[Group],
+    *,
+    method: str = "none",
+    options: dict[str, Any] | None = None,
+    batch_images: int = 8,
+    progress: str | None = None,
+) -> dict[str, Any]:
+    """Exact-match accuracy per question kind, under one reduction.
+
+    Args:
+        model: the default model (``LlavaForConditionalGeneration``).
+        processor: its processor.
+        groups: per image, a zero-argument loader and its (question, answer, kind) triples.
+        method, options: the reduction (``prumerge.apply`` arguments).
+        batch_images: images per shared-prefix batch.
+        progress: a tqdm description, or None for no bar.
+
+    Returns:
+        ``{"accuracy": {kind..., "all"}, "counts": {kind: n}, "mean_tokens": float,
+        "questions": n, "images": n, "yes_no_cells": {...}}``; the cells split easy-vqa's
+        yes/no questions by form (plain/negated) and answer.
+    """
+    import prumerge
+    from prumerge.models.default import format_prompt, normalize_answer
+    from prumerge.shared_prefix import answer_shared_prefix
+
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    cells = {f"{f}/{a}": [0, 0] for f in ("plain", "negated") for a in ("no", "yes")}
+    tokens: list[int] = []
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(groups), desc=progress, unit="img", leave=False)
+    with prumerge.apply(model, method, **(options or {})) as handle:
+        for start in range(0, len(groups), batch_images):
+            chunk = groups[start : start + batch_images]
+            images = [load() for load, _ in chunk]
+            answers = answer_shared_prefix(
+                model,
+                processor,
+                handle,
+                images,
+                [[q for q, _, _ in items] for _, items in chunk],
+                lambda q: format_prompt(processor, q),
+                max_new_tokens=4,
+            )
+            tokens += handle.stats.tokens_out
+            for (_, items), guesses in zip(chunk, answers, strict=True):
+                for (question, truth, kind), guess in zip(items, guesses, strict=True):
+                    right = int(normalize_answer(guess) == truth)
+                    total[kind] = total.get(kind, 0) + 1
+                    correct[kind] = correct.get(kind, 0) + right
+                    if kind == "yes/no":
+                        form = "negated" if is_negated(question) else "plain"
+                        cells[f"{form}/{truth}"][0] += right
+                        cells[f"{form}/{truth}"][1] += 1
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    accuracy = {k: round(correct[k] / total[k], 5) for k in sorted(total)}
+    accuracy["all"] = round(sum(correct.values()) / max(1, sum(total.values())), 5)
+    result: dict[str, Any] = {
+        "accuracy": accuracy,
+        "counts": dict(sorted(total.items())),
+        "mean_tokens": round(sum(tokens) / max(1, len(tokens)), 2),
+        "questions": sum(total.values()),
+        "images": len(groups),
+    }
+    if any(c[1] for c in cells.values()):
+        result["yes_no_cells"] = cells
+    return result
+
+
+def _open(path: str) -> Callable[[], Any]:
+    def load() -> Any:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    return load
+
+
+def evaluate_easy_vqa(
+    model: Any,
+    processor: Any,
+    max_images: int | None = None,
+    *,
+    method: str = "none",
+    options: dict[str, Any] | None = None,
+    batch_images: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """easy-vqa's test split (the first ``max_images`` images by id; None: all 1,000 images,
+    9,673 questions), questions as easy-vqa asks them (no answer instruction)."""
+    ids, turns, paths = load_easy_vqa("test")
+    if max_images is not None:
+        ids = ids[:max_images]
+    groups = [(_open(paths[i]), [(q, a, question_type(a)) for q, a in turns[i]]) for i in ids]
+    start = time.time()
+    result = evaluate_groups(
+        model,
+        processor,
+        groups,
+        method=method,
+        options=options,
+        batch_images=batch_images,
+        progress=f"easy-vqa {method}" if progress else None,
+    )
+    result["subset"] = "all test images" if max_images is None else f"first {len(ids)} test images"
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def evaluate_synth(
+    model: Any,
+    processor: Any,
+    scenes: int = 100,
+    *,
+    method: str = "none",
+    options: dict[str, Any] | None = None,
+    batch_images: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The generated benchmark's test split (its first ``scenes`` scenes, seed 0), each
+    question with LLaVA's short-answer instruction as the benchmark asks it."""
+    import functools
+
+    from prumerge.data import synth
+
+    groups: list[Group] = []
+    for scene in synth.generate(scenes, split="test", seed=0):
+        load = functools.partial(synth.render, scene.objects, scene.config)
+        items = [(q.question + synth.PROMPT_SUFFIX, q.answer, q.subtask) for q in scene.questions]
+        groups.append((load, items))
+    start = time.time()
+    result = evaluate_groups(
+        model,
+        processor,
+        groups,
+        method=method,
+        options=options,
+        batch_images=batch_images,
+        progress=f"synth {method}" if progress else None,
+    )
+    result["subset"] = f"first {scenes} test scenes"
+    result["seconds"] = round(time.time() - start, 1)
+    return result

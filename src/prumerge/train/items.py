@@ -1,0 +1,76 @@
+"""Training items: an image loader and its (question, answer) turns, from each source."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable
+from typing import Any
+
+from prumerge.data.easy_vqa import balanced_keep_rates, is_negated, load_easy_vqa
+from prumerge.data.sample import SHORT_ANSWER
+
+__all__ = ["Item", "default_model_items", "llava_json_items", "open_image"]
+
+Item = tuple[Callable[[], Any], list[tuple[str, str]]]
+
+
+def open_image(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item], int]:
+    """easy-vqa's training split, then generated scenes (train split, never the test split).
+
+    Each image's turns are shuffled once with the seed; with ``balance_yes_no`` easy-vqa's
+    yes/no turns are subsampled per (plain/negated, answer) cell; each question carries the
+    short-answer instruction with probability ``instruction_rate``.
+
+    Returns:
+        ``(items, number of easy-vqa items)``; the easy-vqa items come first.
+    """
+    ids, turns, paths = load_easy_vqa("train")
+    if cfg.train_images is not None:
+        ids = ids[: cfg.train_images]
+    items: list[Item] = [(functools.partial(open_image, paths[i]), list(turns[i])) for i in ids]
+    num_easy = len(items)
+    if cfg.synth_scenes > 0:
+        from prumerge.data import synth
+
+        for scene in synth.generate(cfg.synth_scenes, split="train", seed=cfg.seed):
+            draw = functools.partial(synth.render, scene.objects, scene.config)
+            items.append((draw, [(q.question, q.answer) for q in scene.questions]))
+    rng = random.Random(cfg.seed)
+    rates: dict[tuple[bool, str], float] = {}
+    if cfg.balance_yes_no:
+        every = [t for _, item_turns in items[:num_easy] for t in item_turns]
+        rates = balanced_keep_rates([q for q, _ in every], [a for _, a in every])
+        log("yes/no keep rates: " + ", ".join(f"{k}: {v:.3f}" for k, v in rates.items()))
+    shaped: list[Item] = []
+    for position, (load, item_turns) in enumerate(items):
+        kept = list(item_turns)
+        if rates and position < num_easy:
+            kept = [
+                (q, a)
+                for q, a in kept
+                if a not in ("yes", "no") or rng.random() < rates[(is_negated(q), a)]
+            ]
+        rng.shuffle(kept)
+        kept = [
+            (q + SHORT_ANSWER if rng.random() < cfg.instruction_rate else q, a) for q, a in kept
+        ]
+        shaped.append((load, kept))
+    return shaped, num_easy
+
+
+def llava_json_items(cfg: Any) -> list[Item]:
+    """The conversations of a LLaVA instruction file, as items."""
+    from prumerge.data.llava_json import read_llava_json
+
+    return [
+        (functools.partial(open_image, str(c.image)), list(c.turns))
+        for c in read_llava_json(cfg.data, cfg.image_folder)
+    ]
