@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prumerge.adapters.base import Handle
+    from prumerge.adapters.handle import Handle
     from prumerge.methods import Method
 
 __version__ = "0.1.0"
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 def apply(model: Any, method: str | Method = "prumerge", **options: Any) -> Handle:
     """Patch one model instance to reduce its visual tokens; the family (LLaVA-1.5, LLaVA-NeXT,
     LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL) is picked from the model. See
-    ``prumerge.adapters.base.apply`` for the options (``positions``, ``budget_per`` and the
+    ``prumerge.adapters.handle.apply`` for the options (``positions``, ``budget_per`` and the
     method's own)."""
     from prumerge.adapters import apply as _apply
 

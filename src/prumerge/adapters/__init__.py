@@ -10,15 +10,8 @@ from prumerge.adapters import llava as _llava  # noqa: F401  (registers the fami
 from prumerge.adapters import llava_next as _llava_next  # noqa: F401
 from prumerge.adapters import llava_onevision as _llava_onevision  # noqa: F401
 from prumerge.adapters import qwen2_5_vl as _qwen2_5_vl  # noqa: F401
-from prumerge.adapters.base import (
-    FAMILIES,
-    Encoded,
-    FamilyAdapter,
-    Handle,
-    TokenStats,
-    apply,
-    supported_models,
-)
+from prumerge.adapters.base import FAMILIES, Encoded, FamilyAdapter, TokenStats, supported_models
+from prumerge.adapters.handle import Handle, apply
 
 __all__ = [
     "FAMILIES",

@@ -15,14 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prumerge.adapters.base import (
-    Encoded,
-    FamilyAdapter,
-    Handle,
-    TokenStats,
-    apply,
-    register_family,
-)
+from prumerge.adapters.base import Encoded, FamilyAdapter, TokenStats, register_family
+from prumerge.adapters.handle import Handle, apply
 from prumerge.adapters.towers import ViTTower, execution_device
 from prumerge.errors import PrumergeError
 from prumerge.methods import Method
