@@ -76,7 +76,10 @@ MISSING_MODEL = "/no/such/model"
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--repeats", "abc"], "--repeats must be an integer"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-        (["--method", "prumerge", "--option", "merge=maybe"], "unknown merge mode 'maybe'"),
+        (
+            ["--method", "prumerge", "--option", "merge=maybe"],
+            "merge must be one of 'sum', 'mean', 'none'; got 'maybe'",
+        ),
         (["--method", "prumerge", "--option", "knn=abc"], "option knn takes an integer"),
         (["--method", "prumerge", "--option", "supplement=maybe"], "takes true or false"),
         (["--keep", "1", "--option", "keep=2"], "not both"),
@@ -220,7 +223,7 @@ def test_ask_writes_its_picture(
     [
         (["--plot", "out.txt"], "--plot out.txt: the name must end in the suffix of a plot format"),
         (["--plot", "plot"], "the name must end in the suffix of a plot format"),
-        (["--option", "merge=maybe"], "unknown merge mode 'maybe'"),
+        (["--option", "merge=maybe"], "merge must be one of 'sum', 'mean', 'none'; got 'maybe'"),
         (["--option", "knn=-3"], "knn"),
         (["--option", "knn=abc"], "option knn takes an integer"),
         (["--dtype", "float8"], "--dtype: unknown dtype"),

@@ -101,7 +101,12 @@ def test_configuration_rule() -> None:
         ("prumerge", "adaptive", ["bogus=1"], "takes no option 'bogus'"),
         ("prumerge", "adaptive", ["keep=3"], "give budgets with --keep"),
         ("prumerge", "adaptive", ["visionzip:contextual=4"], "not in --methods"),
-        ("prumerge", "adaptive", ["merge=median"], "prumerge: unknown merge mode 'median'"),
+        (
+            "prumerge",
+            "adaptive",
+            ["merge=median"],
+            "prumerge: merge must be one of 'sum', 'mean', 'none'; got 'median'",
+        ),
     ],
 )
 def test_configuration_errors(methods, keep, options, message) -> None:
@@ -485,7 +490,7 @@ def test_string_options_keep_their_strings() -> None:
     ("extra", "needle"),
     [
         (["--option", "knn=abc"], "prumerge: option knn takes an integer, got 'abc'"),
-        (["--option", "merge=maybe"], "unknown merge mode 'maybe'"),
+        (["--option", "merge=maybe"], "merge must be one of 'sum', 'mean', 'none'; got 'maybe'"),
         (["--benchmark-option", "n_scenes=abc"], "--benchmark-option n_scenes takes an integer"),
         (["--benchmark-option", "photo_patches=maybe"], "photo_patches takes true or false"),
         (["--dtype", "int4"], "--dtype: unknown dtype 'int4'"),

@@ -235,7 +235,7 @@ def test_budgets_options_dtype_and_device_map_through_model_args(plugin) -> None
     ("args", "needle"),
     [
         ("method=prumerge,knn=abc", "option knn takes an integer"),
-        ("method=prumerge,merge=maybe", "unknown merge mode 'maybe'"),
+        ("method=prumerge,merge=maybe", "merge must be one of 'sum', 'mean', 'none'; got 'maybe'"),
         ("method=pool,keep=0", "keep must be >= 1"),
         ("method=pool,keep=lots", "not a number: 'lots'"),
         ("method=prumerge,dtype=int3", "unknown dtype 'int3'"),
