@@ -38,6 +38,17 @@ ENCODED = [
     {"method": "tome", "keep": 32},
     {"method": "divprune", "keep": 32},
 ]
+#: Methods run through the plugin's CLIP tower (vLLM's CLIPVisionModel) on a tiny random
+#: CLIP LLaVA, against the adapter on the same checkpoint.
+CLIP_METHODS = [
+    {"method": "prumerge", "keep": 8},
+    {"method": "prumerge+", "keep": 12},
+    {"method": "visionzip", "keep": 8},
+    {"method": "cls_topk", "keep": 8},
+    {"method": "tome", "keep": 8},
+    {"method": "pool", "keep": 9},
+    {"method": "none"},
+]
 NUM_QUESTIONS = 24
 MAX_TOKENS = 8
 NUM_ENCODED_IMAGES = 3
@@ -55,6 +66,9 @@ class EngineRun:
     image_token_id: int
     encoded_vllm: list[list[Any]] | None  # per ENCODED config, per image: (K, H) tensors
     encoded_hf: list[list[Any]]
+    clip_vllm: list[dict[str, Any]]  # per CLIP_METHODS config: tokens, lengths, index, layers
+    clip_hf: list[Any]  # per CLIP_METHODS config: the adapter's Reduction
+    clip_config: Any  # the tiny CLIP LLaVA's config
 
 
 def _vllm_available() -> str | None:
@@ -104,6 +118,19 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
             "out": str(work / "encoded.pt"),
         },
     }
+    # A tiny random LLaVA with a CLIP tower, for the plugin's CLIP path.
+    from tests.adapters.conftest import tiny_llava, varied_images
+
+    clip_model = tiny_llava("clip")
+    clip_model.save_pretrained(str(work / "tiny-clip"))
+    clip_pixels = varied_images()
+    torch.save(clip_pixels, work / "clip-pixels.pt")
+    spec["clip"] = {
+        "checkpoint": str(work / "tiny-clip"),
+        "pixels": str(work / "clip-pixels.pt"),
+        "configs": CLIP_METHODS,
+        "out": str(work / "clip.pt"),
+    }
     (work / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     engine = subprocess.Popen(
@@ -120,7 +147,9 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
     tokenizer = processor.tokenizer
     with prumerge.apply(model, **SERVED) as handle:
         for sample, item in zip(samples, items, strict=True):
-            inputs = processor(images=[sample.load_image()], text=[item["prompt"]], return_tensors="pt")
+            inputs = processor(
+                images=[sample.load_image()], text=[item["prompt"]], return_tensors="pt"
+            )
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
             answer = out[0, inputs["input_ids"].shape[1] :]
@@ -132,6 +161,13 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
         options = {k: v for k, v in config.items() if k != "method"}
         with prumerge.apply(model, config["method"], **options) as handle, torch.inference_mode():
             encoded_hf.append([t.float().clone() for t in handle.encode_images(pixels)])
+
+    clip_hf = []
+    for config in CLIP_METHODS:
+        options = {k: v for k, v in config.items() if k != "method"}
+        with prumerge.apply(clip_model, config["method"], **options) as handle, torch.no_grad():
+            handle.encode_images(clip_pixels)
+        clip_hf.append(handle.last_reduction)
 
     log, _ = engine.communicate(timeout=900)
     if engine.returncode != 0:
@@ -153,4 +189,7 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
         image_token_id=model.config.image_token_id,
         encoded_vllm=encoded_vllm,
         encoded_hf=encoded_hf,
+        clip_vllm=torch.load(work / "clip.pt"),
+        clip_hf=clip_hf,
+        clip_config=clip_model.config,
     )

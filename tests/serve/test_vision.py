@@ -95,7 +95,12 @@ def test_layout_reads_one_layer_past_the_features_for_prumerge_only():
 @pytest.mark.parametrize(
     ("config", "method", "has_cls", "message"),
     [
-        (_config(model_type="siglip_vision_model", strategy="full"), "prumerge", False, "no \\[CLS\\]"),
+        (
+            _config(model_type="siglip_vision_model", strategy="full"),
+            "prumerge",
+            False,
+            "no \\[CLS\\]",
+        ),
         (_config(model_type="siglip_vision_model"), "pool", False, "'full'"),
         (_config(strategy="full"), "pool", True, "'default'"),
         (_config(layer=-1), "prumerge", True, "last output"),

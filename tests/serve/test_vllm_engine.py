@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.serve.conftest import ENCODED, MAX_TOKENS, NUM_QUESTIONS, SERVED, EngineRun
+from prumerge.methods import build_method
+from prumerge.serve.vision import tower_layout
+from tests.serve.conftest import CLIP_METHODS, ENCODED, MAX_TOKENS, NUM_QUESTIONS, SERVED, EngineRun
 
 
 def test_vllm_answers_equal_the_hugging_face_path(engine_run: EngineRun):
@@ -49,3 +51,17 @@ def test_served_tokens_equal_the_adapter_tokens(engine_run: EngineRun, index: in
     for ours, theirs in zip(served, adapter, strict=True):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", range(len(CLIP_METHODS)), ids=[str(c) for c in CLIP_METHODS])
+def test_clip_tower_keeps_the_adapters_tokens(engine_run: EngineRun, index: int):
+    """vLLM's CLIP, unrolled layer by layer for the q/k, reduces like the adapter's HF CLIP."""
+    served, adapter = engine_run.clip_vllm[index], engine_run.clip_hf[index]
+    assert served["lengths"].tolist() == adapter.lengths.tolist()
+    assert torch.equal(served["index"], adapter.index)
+    torch.testing.assert_close(served["tokens"], adapter.tokens, rtol=1e-4, atol=1e-5)
+    # Built up to the deepest layer read: PruMerge's attention layer is one past the features.
+    config = CLIP_METHODS[index]
+    method = build_method(config["method"], **{k: v for k, v in config.items() if k != "method"})
+    layout = tower_layout(engine_run.clip_config, method)
+    assert served["layers_built"] == layout.layers_needed

@@ -60,7 +60,7 @@ from prumerge.serve.config import (
     parse_serve_config,
 )
 from prumerge.serve.vision import TowerLayout, reduce_patches, tower_layout
-from prumerge.serve.vllm.towers import DINOV2_RENAMES, build_tower, run_tower, tower_kind
+from prumerge.serve.vllm.towers import build_tower, run_tower, tower_kind, tower_weights_mapper
 
 
 def serve_config_of(hf_config) -> ServeConfig:
@@ -312,9 +312,7 @@ class PrumergeLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        mapper = self.hf_to_vllm_mapper
-        if self.tower_kind == "dinov2":
-            mapper = mapper | WeightsMapper(orig_to_new_substr=DINOV2_RENAMES)
+        mapper = tower_weights_mapper(self.tower_kind) | self.hf_to_vllm_mapper
         return AutoWeightsLoader(self).load_weights(weights, mapper=mapper)
 
     def get_mm_mapping(self) -> MultiModelKeys:

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from vllm.model_executor.models.utils import WeightsMapper
 
 from prumerge.errors import PrumergeError
 from prumerge.serve.vision import TowerLayout
@@ -28,6 +30,16 @@ DINOV2_RENAMES = {
     "attention.attention.value.": "attention.v_proj.",
     "attention.output.dense.": "attention.o_proj.",
 }
+# transformers 5 saves CLIP and SigLIP towers without the `vision_model.` level that older
+# checkpoints (llava-hf's) and vLLM's modules have.
+_MISSING_VISION_MODEL = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
+
+
+def tower_weights_mapper(kind: str) -> WeightsMapper:
+    """Checkpoint names of the tower -> this tower's module names (before the model's prefixes)."""
+    if kind == "dinov2":
+        return WeightsMapper(orig_to_new_substr=DINOV2_RENAMES)
+    return WeightsMapper(orig_to_new_regex={_MISSING_VISION_MODEL: r"\1vision_model."})
 
 
 def tower_kind(vision_config: Any) -> str:
