@@ -7,10 +7,12 @@ embedded default model's (printed by the main environment)::
     .venv-vllm/bin/python benchmarks/vllm_batch.py --model "$MODEL" --method prumerge+ \\
         --keeps 32 64 144 --requests 64 --max-tokens 8 --rounds 3
 
-One engine per configuration (no reduction, then the method at each budget) runs in its own
-process, all started before any timing. Each round sends the same batch of image requests
-(distinct easy-vqa images, one question each) to every engine in turn, so the ratios to
-"none" are measured side by side, round by round; the table gives medians over the rounds.
+Each round runs every configuration in turn (no reduction, then the method at each budget),
+each in a fresh engine process that is warmed up and then times the same batch of image
+requests (distinct easy-vqa images, one question each). The ratios to "none" are computed
+round by round and the table gives medians over the rounds. Besides wall-clock time, each
+batch's CPU time (of the process that holds the engine) is reported, which other load on a
+shared machine disturbs far less.
 Prefix caching and the multimodal processor cache are off, so no round reuses another's work.
 Every request generates exactly --max-tokens tokens (EOS ignored), so output tokens are equal.
 """
@@ -53,9 +55,9 @@ def _requests(count: int, model: str) -> list[dict[str, Any]]:
     return requests
 
 
-def _engine(connection, model: str, serve: dict[str, Any], requests: int, max_tokens: int):
-    """Child process: one engine; runs the batch whenever the parent asks, reports timings."""
-    # The engine core and its worker run in this process: one process per configuration.
+def _engine(connection, model: str, serve: dict[str, Any], requests: int, max_tokens: int) -> None:
+    """Child process: start one engine, warm it up, time one batch, report, exit."""
+    # The engine core and its worker run in this process, so that its CPU time is theirs.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         from vllm import LLM, SamplingParams
@@ -69,7 +71,7 @@ def _engine(connection, model: str, serve: dict[str, Any], requests: int, max_to
             dtype="float32",
             max_model_len=1024,
             limit_mm_per_prompt={"image": 1},
-            kv_cache_memory_bytes=1 << 30,
+            kv_cache_memory_bytes=1 << 30,  # holds all 64 unreduced requests at once
             enable_prefix_caching=False,
             mm_processor_cache_gb=0,
             distributed_executor_backend="uni",
@@ -80,28 +82,38 @@ def _engine(connection, model: str, serve: dict[str, Any], requests: int, max_to
         batch = _requests(requests, model)
         sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         llm.generate(batch[:4], sampling, use_tqdm=False)  # warm-up
-        connection.send({"ready": True})
-        while connection.recv() == "run":
-            start, cpu_start = time.perf_counter(), time.process_time()
-            outputs = llm.generate(batch, sampling, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            # The engine, its model runner and the image processor all run in this process,
-            # so its CPU time is the batch's work, whatever else the machine is doing.
-            cpu_seconds = time.process_time() - cpu_start
-            ttft = [o.metrics.first_token_latency for o in outputs]
-            connection.send(
-                {
-                    "seconds": seconds,
-                    "cpu_seconds": cpu_seconds,
-                    "requests": len(outputs),
-                    "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-                    "prompt_tokens": statistics.mean(len(o.prompt_token_ids) for o in outputs),
-                    "ttft_mean": statistics.mean(ttft),
-                    "ttft_median": statistics.median(ttft),
-                }
-            )
+        start, cpu_start = time.perf_counter(), time.process_time()
+        outputs = llm.generate(batch, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        # The engine, its model runner and the image processor all run in this process, so
+        # its CPU time is the batch's work, whatever else the machine is doing.
+        cpu_seconds = time.process_time() - cpu_start
+        ttft = [o.metrics.first_token_latency for o in outputs]
+        connection.send(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "requests": len(outputs),
+                "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                "prompt_tokens": statistics.mean(len(o.prompt_token_ids) for o in outputs),
+                "ttft_mean": statistics.mean(ttft),
+                "ttft_median": statistics.median(ttft),
+            }
+        )
     except Exception as exc:  # reported by the parent as one line
         connection.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run_one(context, model: str, serve: dict[str, Any], requests: int, max_tokens: int):
+    parent, child = context.Pipe()
+    process = context.Process(target=_engine, args=(child, model, serve, requests, max_tokens))
+    process.start()
+    try:
+        reply = parent.recv()
+    except EOFError:
+        reply = {"error": f"the engine process died (exit code {process.exitcode})"}
+    process.join()
+    return reply
 
 
 def _configs(method: str, keeps: list[int]) -> list[tuple[str, dict[str, Any]]]:
@@ -136,42 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     except PrumergeError as exc:
         parser.error(str(exc))
 
+    # One engine at a time (each holds the model and a 1 GiB KV cache), each configuration
+    # once per round, so every round measures all of them within minutes of each other.
     context = mp.get_context("spawn")
-    engines = []
-    for name, serve in configs:
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=_engine, args=(child, args.model, serve, args.requests, args.max_tokens)
-        )
-        process.start()
-        engines.append((name, parent, process))
-    try:
-        for name, parent, _ in engines:
-            print(f"starting engine: {name}", file=sys.stderr, flush=True)
-            reply = parent.recv()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
+    for round_index in range(args.rounds):
+        for name, serve in configs:
+            reply = _run_one(context, args.model, serve, args.requests, args.max_tokens)
             if "error" in reply:
                 print(f"vllm_batch: error: engine {name}: {reply['error']}", file=sys.stderr)
                 return 1
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in engines}
-        for round_index in range(args.rounds):
-            for name, parent, _ in engines:
-                parent.send("run")
-                reply = parent.recv()
-                if "error" in reply:
-                    print(f"vllm_batch: error: engine {name}: {reply['error']}", file=sys.stderr)
-                    return 1
-                runs[name].append(reply)
-                print(
-                    f"round {round_index + 1}/{args.rounds} {name}: {reply['seconds']:.2f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        for _, parent, process in engines:
-            if process.is_alive():
-                parent.send("stop")
-        for _, _, process in engines:
-            process.join(timeout=60)
+            runs[name].append(reply)
+            print(
+                f"round {round_index + 1}/{args.rounds} {name}: {reply['seconds']:.2f} s, "
+                f"{reply['cpu_seconds']:.1f} CPU s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     rows = _summarise(runs, baseline="none")
     print(_table(rows, args))

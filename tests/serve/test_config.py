@@ -91,3 +91,10 @@ def test_output_count_of_a_budget_that_pooling_cannot_meet():
 def test_output_count_refuses_an_adaptive_method():
     with pytest.raises(PrumergeError, match="different number of tokens"):
         output_count(build_method("prumerge"), 256, (16, 16))
+
+
+def test_the_plugin_is_declared_for_vllm():
+    from importlib.metadata import entry_points
+
+    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("prumerge") == "prumerge.serve.vllm:register"
