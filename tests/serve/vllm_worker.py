@@ -107,6 +107,9 @@ def encode_with_clip_tower(
 def main(spec_path: str, result_path: str) -> None:
     # encode_with_methods travels to the engine's worker process as a pickled function.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    # vLLM-CPU pins its threads to one logical CPU per core by default, which on a small
+    # shared machine leaves it one CPU beside other work; let the OS place them instead.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     from PIL import Image
     from vllm import LLM, SamplingParams
 
