@@ -89,20 +89,17 @@ def test_pictures_show_what_was_kept(tiny_demo, photo):
     assert np.abs(none - top1).mean() > 10
     pictures = captions(result)
     assert [c for _, c in pictures] == ["none: 36 -> 36 tokens", "cls_topk@1: 36 -> 1 tokens"]
-    assert compare(
-        tiny_demo, photo, "what?", [], max_new_tokens=1, pictures=False
-    ).results[0].picture is None
+    assert (
+        compare(tiny_demo, photo, "what?", [], max_new_tokens=1, pictures=False).results[0].picture
+        is None
+    )
 
 
 def test_table_has_one_column_per_config(tiny_demo, photo):
-    result = compare(
-        tiny_demo, photo, "what?", choose_configs(["cls_topk"], "8"), hardware="h100"
-    )
+    result = compare(tiny_demo, photo, "what?", choose_configs(["cls_topk"], "8"), hardware="h100")
     headers, rows = table(result)
     assert headers == ["", "none", "cls_topk@8"]
-    assert [row[0] for row in rows] == [
-        label.format(hardware="H100-SXM") for label in ROWS
-    ]
+    assert [row[0] for row in rows] == [label.format(hardware="H100-SXM") for label in ROWS]
     assert all(len(row) == 3 for row in rows)
     tokens = dict((row[0], row[1:]) for row in rows)["visual tokens in -> out"]
     assert tokens == [f"{PATCHES} -> {PATCHES}", f"{PATCHES} -> 8"]

@@ -57,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if not host:
         raise PrumergeError("--host is empty")
     _check_address(host, port)
-
+    from prumerge.commands.bench import _device
     from prumerge.demo.app import offline_environment
+
+    device = _device(args.device)
 
     offline_environment()
     try:
@@ -67,11 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise PrumergeError(
             "the demo needs Gradio: pip install 'prumerge[demo]' (scripts/setup.sh installs it)"
         ) from None
-    from prumerge.commands.bench import _device
     from prumerge.demo.app import build_app, launch
     from prumerge.demo.compare import DemoModel
 
-    device = _device(args.device)
     print("prumerge demo: loading the model ...", file=sys.stderr, flush=True)
     demo = DemoModel.load(args.model, device=str(device), cache_dir=args.cache_dir)
     demo.warm_up()

@@ -29,6 +29,9 @@ SAMPLES = (
     ("coffee.jpg", "What is in the image?"),
 )
 
+# The gallery keeps a tall minimum height for one row of pictures; let it fit them.
+CSS = "#pictures .fixed-height { min-height: 0; }"
+
 # Gradio reads these at import time; the page must not call out to any server.
 OFFLINE_ENVIRONMENT = {
     "GRADIO_ANALYTICS_ENABLED": "False",  # usage analytics and the PyPI version check
@@ -190,8 +193,8 @@ def build_app(demo: DemoModel, samples: list[list[str]] | None = None) -> Any:
             label="kept tokens (outlined: kept patches; tint: the kept token a pruned patch "
             "merges into)",
             columns=4,
+            rows=1,
             object_fit="contain",
-            height="auto",
             format="png",
             elem_id="pictures",
         )
@@ -208,5 +211,10 @@ def build_app(demo: DemoModel, samples: list[list[str]] | None = None) -> Any:
 def launch(app: Any, host: str, port: int) -> None:
     """Serve the page on ``host:port`` until interrupted; never shared."""
     app.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, share=False, quiet=True, inbrowser=False
+        server_name=host,
+        server_port=port,
+        share=False,
+        quiet=True,
+        inbrowser=False,
+        css=CSS,
     )
