@@ -63,6 +63,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """In the server process: end when the test process ends, even if it is killed (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class Server:
     def __init__(self, log: Path) -> None:
         self.port = free_port()
@@ -76,6 +86,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=REPO,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
 
     def wait(self) -> None:
@@ -100,7 +111,7 @@ class Server:
     def stop(self) -> int:
         self.process.send_signal(signal.SIGINT)
         try:
-            return self.process.wait(timeout=30)
+            return self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
@@ -120,8 +131,9 @@ def test_the_page_is_served_on_loopback_only_and_calls_nothing_outside(server):
     with urllib.request.urlopen(server.url, timeout=10) as response:
         page = response.read().decode()
     assert "prumerge demo" in page  # the page's title
-    listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=False).stdout
-    if listening:  # iproute2 present: the demo's port is bound to 127.0.0.1 alone
+    ss = shutil.which("ss")  # iproute2
+    listening = ss and subprocess.run([ss, "-Hltn"], capture_output=True, text=True).stdout
+    if listening:  # the demo's port is bound to 127.0.0.1 alone
         ours = [line for line in listening.splitlines() if f":{server.port} " in line]
         assert ours and all(f"127.0.0.1:{server.port}" in line for line in ours), ours
     assert "prumerge demo: http://127.0.0.1:" in server.text()
@@ -191,6 +203,10 @@ def test_compare_in_the_browser(page, server):
     page.locator("#question textarea").fill("what is the color of the shape?")
     page.locator("#methods").get_by_label("pool").check()  # pool at its default, 64
     page.locator("#compare").click()
+    # The progress bar names the method running; each one takes about a second on a CPU.
+    tracker = page.locator("[data-testid=status-tracker]")
+    running = re.compile(r"running (none|prumerge|pool)")
+    tracker.filter(has_text=running).first.wait_for(timeout=600_000)
     pictures = page.locator("#pictures img")
     pictures.nth(3).wait_for(timeout=600_000)
 
