@@ -112,8 +112,8 @@ def run_request(
     times = f"the median of {runs} timed runs after a warm-up" if runs > 1 else "one run"
     summary = (
         f"**{result.question}** on {name}, {demo.name} on {demo.device}. "
-        f"Times are {times} per method, on this machine. Predicted prefill speedup: the roofline cost model (`prumerge cost`) on "
-        f"{result.hardware} for this model's decoder at {result.precision_bits}-bit, for the "
+        f"Times are {times} per method, on this machine. Predicted prefill speedup: the "
+        f"roofline cost model (`prumerge cost`) on {result.hardware} for this model's decoder at {result.precision_bits}-bit, for the "
         f"prompt lengths that ran."
     )
     return pd.DataFrame(rows, columns=headers), captions(result), summary
