@@ -8,7 +8,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import prumerge, transformers, gguf, onnx, pytest, lmms_eval, datasets, evaluate" >/dev/null 2>&1 \
+if ! python -c "import prumerge, transformers, gguf, onnx, pytest, lmms_eval, datasets, evaluate
+import importlib.util as u
+assert u.find_spec('gradio') and u.find_spec('playwright')" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.prumerge-installed ] \
    || [ constraints.txt -nt .venv/.prumerge-installed ]; then
   python -m pip install -q --upgrade pip

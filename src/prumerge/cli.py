@@ -18,7 +18,7 @@ from prumerge import __version__
 from prumerge.errors import PrumergeError
 
 # Module names under prumerge.commands, in the order `prumerge --help` lists them.
-COMMANDS: tuple[str, ...] = ("ask", "methods", "eval", "cost", "bench", "train")
+COMMANDS: tuple[str, ...] = ("ask", "methods", "eval", "cost", "bench", "train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
