@@ -220,7 +220,7 @@ def test_parse_configs():
     [
         ("fastest", None, {}, "unknown method 'fastest'"),
         ("none@4", None, {}, "takes no budget"),
-        ("pool", "lots", {}, "budget 'lots': not a number"),
+        ("pool", "lots", {}, "--keep: not a number: 'lots'"),
         ("pool", "0", {}, "keep must be >= 1"),
         ("pool@1.5", None, {}, "ratio must be in (0, 1]"),
         ("pool,,tome", None, {}, "comma-separated"),
@@ -246,10 +246,13 @@ def test_parse_configs_errors(methods, keeps, options, message):
         (["--hardware", "custom", "--bandwidth", "1e11"], "needs --peak-fp16"),
         (["--bandwidth", "1e11"], "need --hardware custom"),
         (["--device", "abacus"], "--device: unknown device 'abacus'"),
-        (["--dtype", "int3"], "--dtype must be one of"),
+        (["--dtype", "int3"], "--dtype: unknown dtype 'int3'"),
         (["--question", " "], "the question is empty"),
-        (["--plot", "/no/such/folder/x.png"], "cannot write /no/such/folder/x.png"),
-        (["--methods", "pool@many"], "budget 'many'"),
+        (
+            ["--plot", "/no/such/folder/x.png"],
+            "--plot /no/such/folder/x.png: folder /no/such/folder does not exist",
+        ),
+        (["--methods", "pool@many"], "--methods pool@many: not a number: 'many'"),
     ],
 )
 def test_bad_input_is_one_line(extra, message, photos, capsys):

@@ -28,8 +28,10 @@ from typing import Any
 import torch
 
 from prumerge.errors import PrumergeError
+from prumerge.runtime import format_budget
 
 AUTO = "auto"
+ADAPTIVE = "adaptive"
 
 
 @dataclass(frozen=True)
@@ -52,20 +54,12 @@ class BenchConfig:
         return build_method(self.method, **self.options)
 
 
-def parse_budget(text: str) -> int | float | None:
-    """A budget: ``auto`` (the method's default, None here), a count or a ratio."""
-    from prumerge.methods.base import validate_keep
-    from prumerge.runtime import parse_keep
+def parse_budget(text: str, what: str = "--keep") -> int | float | None:
+    """A budget: ``adaptive`` (or ``auto``: the method's default, None here), a count or a
+    ratio; ``prumerge.runtime.parse_budget`` with the word allowed."""
+    from prumerge.runtime import parse_budget as parse
 
-    text = text.strip()
-    if text.lower() == AUTO:
-        return None
-    try:
-        value = parse_keep(text)
-        validate_keep(value)
-    except ValueError as exc:
-        raise PrumergeError(f"budget {text!r}: {exc}") from None
-    return value
+    return parse(text, what=what, adaptive=True)
 
 
 def parse_configs(
@@ -75,22 +69,25 @@ def parse_configs(
 
     Args:
         methods: comma-separated method names, each optionally with its own budget
-            (``pool@64``, ``prumerge@auto``).
+            (``pool@64``, ``prumerge@adaptive``).
         keeps: comma-separated budgets for the methods given without one: counts (64),
-            ratios (0.25) or ``auto`` (the method's default: adaptive for prumerge and
-            prumerge+). Default ``auto``.
-        options: method options, given to every listed method that takes them.
+            ratios (0.25) or ``adaptive`` (the method's default: adaptive for prumerge and
+            prumerge+, its default budget for the others; ``auto`` is a synonym). Default
+            ``adaptive``. ``1`` (one token) and ``1.0`` (all of them) are different budgets.
+        options: method options (text or values), given to every listed method that takes
+            them.
 
     Raises:
         PrumergeError: unknown methods or options, bad budgets, nothing to compare.
     """
     from prumerge.methods import METHODS, method_names
     from prumerge.methods.base import option_defaults
+    from prumerge.runtime import budget_key, coerce_options, make_method
 
     options = dict(options or {})
     if "keep" in options:
         raise PrumergeError("give budgets with --keep or METHOD@BUDGET, not as an option")
-    budgets = [parse_budget(k) for k in (keeps or AUTO).split(",")]
+    budgets = [parse_budget(k) for k in (keeps or ADAPTIVE).split(",")]
     entries = [e.strip() for e in methods.split(",")]
     if not methods.strip() or any(not e for e in entries):
         raise PrumergeError(f"--methods must be comma-separated method names, got {methods!r}")
@@ -105,7 +102,7 @@ def parse_configs(
         if at:
             if not takes_keep:
                 raise PrumergeError(f"method {name!r} takes no budget, got {entry!r}")
-            wanted.append((name, parse_budget(budget_text)))
+            wanted.append((name, parse_budget(budget_text, f"--methods {entry}")))
         elif takes_keep:
             wanted += [(name, b) for b in budgets]
         else:
@@ -117,23 +114,21 @@ def parse_configs(
             raise PrumergeError(f"no method in --methods takes option {key!r}")
 
     configs = [BenchConfig("none", "none")]
+    seen: set[tuple[str, tuple[str, float]]] = set()
     for name, budget in wanted:
         if name == "none":
             continue
         defaults = option_defaults(METHODS[name])
-        chosen = {k: v for k, v in options.items() if k in defaults}
+        chosen = coerce_options(name, {k: v for k, v in options.items() if k in defaults})
         if budget is not None:
             chosen["keep"] = budget
         keep = chosen.get("keep", defaults.get("keep"))
-        label = name if keep is None else f"{name}@{keep}"
-        if any(c.label == label for c in configs):
+        if (name, budget_key(keep)) in seen:
             continue
-        config = BenchConfig(label, name, chosen)
-        try:
-            config.build()
-        except (ValueError, TypeError) as exc:
-            raise PrumergeError(f"{label}: {exc}") from None
-        configs.append(config)
+        seen.add((name, budget_key(keep)))
+        label = name if keep is None else f"{name}@{format_budget(keep)}"
+        make_method(name, chosen)  # bad values fail here, before the model loads
+        configs.append(BenchConfig(label, name, chosen))
     return configs
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
+from prumerge import __version__
 from prumerge.errors import PrumergeError
 
 # Module names under prumerge.commands, in the order `prumerge --help` lists them.
-COMMANDS: tuple[str, ...] = ("ask", "methods", "eval", "cost", "bench", "train")
+COMMANDS: tuple[str, ...] = ("ask", "methods", "eval", "cost", "bench", "train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="prumerge",
         description="Adaptive visual-token pruning and merging for large multimodal models.",
     )
+    parser.add_argument("--version", action="version", version=f"prumerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -36,9 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """Writes prumerge's log records to whatever ``sys.stderr`` is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"prumerge: {self.format(record)}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+def _show_library_messages() -> None:
+    """Show prumerge's info and warning lines (building the model, rebuilding a damaged
+    cache entry) on stderr, once per process."""
+    logger = logging.getLogger("prumerge")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_library_messages()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -17,11 +17,12 @@ _WORKING_SIZE = 1024
 _MAX_PIXELS = 1_000_000_000
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, at most ``_WORKING_SIZE`` on its longer side.
+def load_image(path: str | Path, *, working_size: int = _WORKING_SIZE) -> Image.Image:
+    """Open an image file as RGB, at most ``working_size`` on its longer side.
 
     Grayscale, palette, RGBA (composited on white) and 16-bit images are converted; a
-    missing, unreadable or truncated file raises ``PrumergeError`` naming the file.
+    missing, unreadable, truncated or absurdly large file raises ``PrumergeError`` naming the
+    file. Images within ``working_size`` come back at their own size.
     """
     path = Path(path)
     if not path.exists():
@@ -36,14 +37,20 @@ def load_image(path: str | Path) -> Image.Image:
                 raise PrumergeError(
                     f"{path}: {image.width}x{image.height} is too large (over {_MAX_PIXELS:,} pixels)"
                 )
-            image.draft("RGB", (_WORKING_SIZE, _WORKING_SIZE))
+            if max(image.width, image.height) > working_size:
+                image.draft("RGB", (working_size, working_size))
             image.load()
-            factor = max(image.width, image.height) // _WORKING_SIZE
+            factor = max(image.width, image.height) // working_size
             if factor > 1:  # shrink in the native mode first: converting is per pixel
                 image = image.reduce(factor)
             image = _to_rgb(image)
-            image.thumbnail((_WORKING_SIZE, _WORKING_SIZE), Image.Resampling.BICUBIC)
+            image.thumbnail((working_size, working_size), Image.Resampling.BICUBIC)
             return image
+    except Image.DecompressionBombError:
+        # PIL refuses at open time images over twice MAX_IMAGE_PIXELS, before our own check.
+        raise PrumergeError(
+            f"{path}: the image is too large (over {_MAX_PIXELS:,} pixels)"
+        ) from None
     except UnidentifiedImageError:
         raise PrumergeError(f"{path} is not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as exc:

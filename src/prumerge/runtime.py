@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import re
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,38 +17,318 @@ import torch
 from prumerge.errors import PrumergeError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+#: Words that mean "no budget: the method's own choice" (adaptive for prumerge/prumerge+).
+ADAPTIVE_WORDS = ("adaptive", "auto")
+
+#: ``--dtype`` values, by the names users write.
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",  # the checkpoint's own dtype
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+#: ``--device-map`` strategies accelerate knows, besides a device name or a JSON object.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def parse_keep(text: str) -> int | float:
-    """``--keep`` values: ``64`` is a count, ``0.25`` a ratio of the patch tokens."""
+# ---------------------------------------------------------------------------------------------
+# Budgets and method options: one parser for the CLI, the API and the lmms-eval plugin
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_budget(
+    value: str | int | float | None, *, what: str = "keep", adaptive: bool = False
+) -> int | float | None:
+    """A token budget: ``64`` (a count), ``0.25`` (a ratio of the patch tokens), or, with
+    ``adaptive=True``, ``adaptive``/``auto``/``none``/None (no budget: the method's own
+    choice).
+
+    Text is a count only when it is written as an integer, so ``1`` is one token and ``1.0``
+    all of them. Numbers (from Python or lmms-eval's argument parser) keep their type. The
+    value is checked by ``prumerge.ops.validate_keep``, the check ``build_method`` applies.
+
+    Raises:
+        PrumergeError: naming ``what``, for anything else.
+    """
+    from prumerge.ops import validate_keep
+
+    if value is None or (
+        isinstance(value, str) and value.strip().lower() in (*ADAPTIVE_WORDS, "none")
+    ):
+        if adaptive:
+            return None
+        raise PrumergeError(f"{what}: give a count (64) or a ratio (0.25), got {value!r}")
+    number: int | float
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = int(text) if _INTEGER.match(text) else float(text)
+        except ValueError:
+            raise PrumergeError(f"{what}: not a number: {value!r}") from None
+    else:
+        number = value
     try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"not a number: {text!r}") from None
-    if value.is_integer() and "." not in text:
-        return int(value)
-    return value
+        validate_keep(number)
+    except ValueError as exc:
+        raise PrumergeError(f"{what}: {exc}") from None
+    return number
 
 
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` method options, with Python literals (ints, floats, bools, None) decoded."""
-    options: dict[str, Any] = {}
+def format_budget(budget: int | float | None) -> str:
+    """How reports show a budget: ``64``, ``0.25``, ``1.0`` (a ratio, never shown as ``1``)."""
+    if budget is None:
+        return ADAPTIVE_WORDS[0]
+    return str(budget) if isinstance(budget, int) else repr(float(budget))
+
+
+def budget_key(budget: int | float | None) -> tuple[str, float]:
+    """A key that tells a count from an equal ratio (``1`` from ``1.0``), for de-duplication."""
+    return ("none", 0.0) if budget is None else (type(budget).__name__, float(budget))
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` method options, values still text (``coerce_options`` types them)."""
+    options: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise PrumergeError(f"method option {pair!r} is not KEY=VALUE")
-        lowered = raw.strip().lower()
-        if lowered in ("true", "false"):
-            value: Any = lowered == "true"
-        elif lowered == "none":
-            value = None
+        options[key.strip().replace("-", "_")] = raw.strip()
+    return options
+
+
+def value_kinds(annotation: Any, default: Any) -> set[str]:
+    """The types a parameter takes, as names (``{"int", "float", "None"}``), read from its
+    annotation (a string under postponed annotations) or, without one, from its default."""
+    if annotation is not inspect.Parameter.empty and annotation is not None:
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        text = text.replace("Optional[", "None|").replace(" ", "")
+        return {part.strip("[]") for part in re.split(r"[|\[\],]", text) if part}
+    if default is None:
+        return {"None", "int", "float", "str"}
+    return {type(default).__name__}
+
+
+def coerce_value(raw: Any, kinds: set[str], what: str) -> Any:
+    """An option value given as text (or a number), typed by the kinds its parameter takes.
+
+    Strings stay strings (``merge=none`` is the mode "none"); ``none`` means Python None only
+    where the parameter takes None (``keep``, ToMe's ``r``); where it takes an int or a float
+    (a count or a ratio), text written as an integer is an int. Ranges and allowed words are
+    the method constructor's to check.
+    """
+    text = str(raw).strip()
+    lowered = text.lower()
+    if "None" in kinds and lowered in ("none", ""):
+        return None
+    if "bool" in kinds:
+        if isinstance(raw, bool) or lowered in ("true", "false", "1", "0", "yes", "no"):
+            return raw if isinstance(raw, bool) else lowered in ("true", "1", "yes")
+        if not kinds & {"int", "float", "str"}:
+            raise PrumergeError(f"{what} takes true or false, got {text!r}")
+    numeric = kinds & {"int", "float"}
+    if numeric:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            number: int | float = raw
+        elif _INTEGER.match(text):
+            number = int(text)
         else:
             try:
-                value = parse_keep(raw)
+                number = float(text)
             except ValueError:
-                value = raw
-        options[key.strip().replace("-", "_")] = value
-    return options
+                number = None  # type: ignore[assignment]
+        if number is not None:
+            if "float" not in numeric:
+                if isinstance(number, float) and not number.is_integer():
+                    raise PrumergeError(f"{what} takes an integer, got {text!r}")
+                return int(number)
+            return float(number) if "int" not in numeric else number
+        if "str" not in kinds:
+            word = "an integer" if numeric == {"int"} else "a number"
+            raise PrumergeError(f"{what} takes {word}, got {text!r}")
+    return text if isinstance(raw, str) else raw
+
+
+def coerce_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` for ``method``, typed by its constructor's signature (``coerce_value``).
+
+    ``keep`` goes through ``parse_budget``. Names the method does not take pass through for
+    ``build_method`` to judge.
+    """
+    from prumerge.methods import METHODS
+
+    parameters = (
+        dict(inspect.signature(METHODS[method].__init__).parameters) if method in METHODS else {}
+    )
+    typed: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "keep":
+            typed[key] = parse_budget(value, what=f"{method}: keep", adaptive=True)
+        elif key in parameters and key != "self":
+            parameter = parameters[key]
+            default = None if parameter.default is inspect.Parameter.empty else parameter.default
+            kinds = value_kinds(parameter.annotation, default)
+            typed[key] = coerce_value(value, kinds, f"{method}: option {key}")
+        else:
+            typed[key] = value
+    return typed
+
+
+def make_method(name: str, options: Mapping[str, Any] | None = None) -> Any:
+    """Build a registered method from user-given options (text or numbers), checked.
+
+    Options are typed by ``coerce_options`` and validated by the method's constructor. The
+    method then runs once on a small random input (a separate instance), so that a value
+    only a run can reject fails here, before any model loads, and not half-way through one.
+
+    Raises:
+        PrumergeError: one line, for an unknown method, option or value.
+    """
+    from prumerge.methods import METHODS, build_method, method_names
+
+    if name not in METHODS:
+        raise PrumergeError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    typed = coerce_options(name, options or {})
+    try:
+        method = build_method(name, **typed)
+    except (ValueError, TypeError) as exc:
+        raise _option_error(name, exc) from None
+    if not getattr(method, "inside_llm", False):
+        try:
+            build_method(name, **typed).reduce(_trial_inputs())
+        except Exception as exc:  # noqa: BLE001 - any failure here is the options' doing
+            raise _option_error(name, exc) from None
+    return method
+
+
+def _option_error(name: str, exc: Exception) -> PrumergeError:
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    return PrumergeError(message if name in message else f"{name}: {message}")
+
+
+def _trial_inputs() -> Any:
+    """Random features, keys and [CLS] attention for a 4x4 patch grid."""
+    from prumerge.methods import VisionInputs
+
+    generator = torch.Generator().manual_seed(0)
+    return VisionInputs(
+        features=torch.randn(1, 16, 8, generator=generator),  # (B, N, C)
+        keys=torch.randn(1, 16, 8, generator=generator),  # (B, N, Ck)
+        cls_attn=torch.softmax(torch.randn(1, 16, generator=generator), dim=-1),  # (B, N)
+        grid=(4, 4),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, dtypes and device maps
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(text: str | None, *, flag: str = "--device", local_rank: int = 0) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``/None (this process's GPU if any, else CPU).
+
+    Raises:
+        PrumergeError: an unknown device, CUDA asked for where there is none, or a GPU
+            index this machine does not have.
+    """
+    if text is None or text.strip().lower() in ("", "auto"):
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    text = text.strip()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise PrumergeError(f"{flag}: unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PrumergeError(f"{flag} {text!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PrumergeError(f"{flag} {text}: CUDA is not available here")
+        if device.index is None:
+            return f"cuda:{local_rank}"
+        if device.index >= torch.cuda.device_count():
+            raise PrumergeError(
+                f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return str(device)
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype | str:
+    """The dtype to load with: a name from ``DTYPES``, or the default for ``device``.
+
+    The default is float32 on the CPU and, on CUDA, bfloat16 where the GPU supports it, else
+    float16: a 7B model then loads in about 14 GB instead of 28.
+
+    Raises:
+        PrumergeError: an unknown name.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        if str(device).startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise PrumergeError(
+            f"--dtype: unknown dtype {name!r}; use float32, float16, bfloat16 or auto"
+        )
+    return DTYPES[key]
+
+
+def parse_device_map(text: str | dict | None) -> str | dict[str, Any] | None:
+    """``--device-map``: accelerate's strategies (auto, balanced, balanced_low_0, sequential),
+    one device (cpu, cuda:1) or a JSON object from module names to devices.
+
+    Raises:
+        PrumergeError: anything else, or a device that is not there.
+    """
+    if text is None or isinstance(text, dict):
+        return text
+    value = text.strip()
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    if value.startswith("{"):
+        try:
+            mapping = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise PrumergeError(f"--device-map: not a JSON object ({exc.msg})") from None
+        if not isinstance(mapping, dict) or not mapping:
+            raise PrumergeError("--device-map: the JSON must map module names to devices")
+        for device in mapping.values():
+            if isinstance(device, str) and device not in ("cpu", "disk"):
+                resolve_device(device, flag="--device-map")
+            elif not isinstance(device, (str, int)) or isinstance(device, bool):
+                raise PrumergeError(f"--device-map: {device!r} is not a device")
+        return mapping
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise PrumergeError(
+            f"--device-map: {value!r} is not {', '.join(DEVICE_MAP_STRATEGIES)}, a device or "
+            "a JSON object"
+        ) from None
+    return resolve_device(value, flag="--device-map")
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its input embeddings' device (the first of a device map)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return model.device
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
 
 
 def default_variant(model: str | None) -> str | None:
@@ -71,29 +354,57 @@ def default_variant(model: str | None) -> str | None:
 def load_model(
     model: str | None,
     *,
-    device: str = "cpu",
+    device: str | None = "cpu",
     cache_dir: str | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ):
     """``(model, processor, prompt_fn)`` for the default model (None, ``"default"`` or
     ``"default:base"``) or an HF id/directory.
 
     ``prompt_fn(question)`` formats one question about one image with the model's template.
-    ``dtype`` is a torch dtype or its name ("float16", "bfloat16", "auto"); default float32.
+
+    Args:
+        model: HF LLaVA id or directory; None, ``"default"`` or ``"default:VARIANT"`` for
+            the embedded default model.
+        device: where to put the model (``auto``/None: this process's GPU if any, else CPU).
+            Ignored with ``device_map``.
+        cache_dir: the default model's cache root.
+        dtype: a torch dtype or its name (see ``DTYPES``); None: float32 on the CPU,
+            bfloat16 (or float16) on CUDA. Both are given to ``from_pretrained``, so weights
+            load in that precision and are never held in float32 first.
+        device_map: given to ``from_pretrained`` (accelerate places the modules and hooks
+            them); see ``parse_device_map``.
+
+    Raises:
+        PrumergeError: a path that does not exist, a checkpoint that does not load, or a
+            model cache that cannot be used.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     variant = default_variant(model)
+    device_map = parse_device_map(device_map)
+    if device_map is None:
+        device = resolve_device(device)
+        placed_on = device
+    else:
+        placed_on = _map_device(device_map)
+    torch_dtype = resolve_dtype(dtype, placed_on)
     if variant is not None:
+        from prumerge.models.cache import CacheError, describe_cache_root
         from prumerge.models.default import format_prompt, load_default_model
 
-        loaded, processor = load_default_model(
-            cache_dir=cache_dir,
-            device=device,
-            dtype=_dtype(dtype) or torch.float32,
-            variant=variant,
-        )
+        try:
+            loaded, processor = load_default_model(
+                cache_dir=cache_dir,
+                device=device,
+                dtype=torch_dtype,
+                device_map=device_map,
+                variant=variant,
+            )
+        except CacheError as exc:
+            raise PrumergeError(f"{exc} ({describe_cache_root(cache_dir)})") from None
         return loaded, processor, lambda question: format_prompt(processor, question)
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -101,16 +412,21 @@ def load_model(
     path = Path(model).expanduser()
     if not path.exists() and not _HUB_ID.match(model):
         raise PrumergeError(f"model path does not exist: {model}")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         loaded = LlavaForConditionalGeneration.from_pretrained(
-            str(path) if path.exists() else model, dtype=_dtype(dtype) or torch.float32
+            str(path) if path.exists() else model, **kwargs
         )
         processor = AutoProcessor.from_pretrained(str(path) if path.exists() else model)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "directory" if path.exists() else "hub id (is the network reachable?)"
         raise PrumergeError(f"cannot load model from {where} {model!r}: {first}") from None
-    loaded = loaded.to(device).eval()
+    if device_map is None:
+        loaded = loaded.to(device)
+    loaded = loaded.eval()
 
     def prompt(question: str) -> str:
         messages = [
@@ -123,13 +439,31 @@ def load_model(
     return loaded, processor, prompt
 
 
-def _dtype(name: str | torch.dtype | None) -> Any:
-    if name is None or isinstance(name, torch.dtype) or name == "auto":
-        return name
-    value = getattr(torch, str(name), None)
-    if not isinstance(value, torch.dtype):
-        raise PrumergeError(f"unknown dtype {name!r}; use float32, float16, bfloat16 or auto")
-    return value
+def _map_device(device_map: str | dict[str, Any]) -> str:
+    """The device a device map mostly puts weights on, for choosing the default dtype."""
+    if isinstance(device_map, dict):
+        devices = [str(d) for d in device_map.values()]
+        gpu = [d for d in devices if d not in ("cpu", "disk")]
+        return "cuda" if gpu else "cpu"
+    if device_map in DEVICE_MAP_STRATEGIES:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_map
+
+
+def check_prompt_length(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with the tokens to generate, exceeds the LLM's positions.
+
+    The check is on the unreduced prompt (every visual placeholder), the longest it can be.
+    """
+    config = getattr(model.config, "text_config", model.config)
+    limit = getattr(config, "max_position_embeddings", None)
+    length = int(input_ids.shape[-1])
+    if isinstance(limit, int) and length + max_new_tokens > limit:
+        raise PrumergeError(
+            f"the prompt is {length} tokens (visual placeholders included) and "
+            f"{max_new_tokens} are to be generated, but the language model takes at most "
+            f"{limit} positions; shorten the question or lower --max-new-tokens"
+        )
 
 
 @dataclass
@@ -255,7 +589,8 @@ def prepare_inputs(model: Any, processor: Any, images: list[Any], prompts: list[
     """Processor outputs for a batch of (image, prompt) pairs, left-padded, on the model's device."""
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    return {k: v.to(model.device) for k, v in inputs.items()}
+    device = model_device(model)
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def timed_generate(

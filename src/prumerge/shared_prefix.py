@@ -71,6 +71,10 @@ def answer_shared_prefix(
     """
     if getattr(handle, "fastv", None) is not None:
         raise PrumergeError("shared-prefix answering needs a vision-side method, not fastv")
+    if getattr(handle, "positions", "compact") != "compact":
+        # The prefix pass numbers positions consecutively (compact); "original" positions
+        # (the kept patches' own, M-RoPE on Qwen) are built only by the handle's own path.
+        raise PrumergeError("shared-prefix answering needs positions='compact'")
     from transformers import DynamicCache
 
     tokenizer = processor.tokenizer

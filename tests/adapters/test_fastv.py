@@ -107,12 +107,45 @@ def test_bad_settings():
     model = tiny_llava("clip", text_layers=2)
     with pytest.raises(PrumergeError, match="layer K=2 must be in 1..1"):
         prumerge.apply(model, "fastv", layer=2)
-    ids, mask = left_pad([prompt([1], [2], [3]), ROWS[0]])  # 2 images vs 1
-    with (
-        prumerge.apply(model, "fastv", layer=1),
-        pytest.raises(PrumergeError, match="same number of images"),
-    ):
-        generate(model, ids, mask, images(3))
     ids, mask = left_pad(ROWS)
     with prumerge.apply(model, "fastv", layer=1), pytest.raises(PrumergeError, match="labels"):
         model(input_ids=ids, attention_mask=mask, pixel_values=images(3), labels=ids)
+
+
+def test_rows_with_different_image_counts_equal_rows_alone(model):
+    # Row 0 has two images, row 1 one: the rows drop different numbers of tokens, so layers
+    # >= K pad the shorter row; each row must still equal itself run alone.
+    rows = [prompt([1], [2], [3]), ROWS[0]]
+    ids, mask = left_pad(rows)
+    pixels = images(3, seed=5)
+    with prumerge.apply(model, "fastv", keep=4, layer=2) as handle:
+        batch = generate(model, ids, mask, pixels)
+        assert handle.stats.tokens_out == [4, 4, 4]
+        cached = generate(model, ids, mask, pixels, use_cache=False)
+        starts = [0, 2]
+        for i, row in enumerate(rows):
+            one_ids, one_mask = left_pad([row])
+            count = 2 if i == 0 else 1
+            alone = generate(model, one_ids, one_mask, pixels[starts[i] : starts[i] + count])
+            assert batch[i, ids.shape[1] :].tolist() == alone[0, one_ids.shape[1] :].tolist()
+    assert torch.equal(batch, cached)
+
+
+def test_two_dimensional_masks_follow_the_kept_columns():
+    # Flash attention hands the layers a (B, kv) padding mask instead of a 4-D one.
+    from prumerge.adapters.fastv import _plan
+
+    dropped = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    plan = _plan(torch.zeros(2, 5, 4), {"attention_mask": padding.long()}, dropped, padding)
+    cos = torch.arange(5.0)[None, :, None].expand(2, 5, 4)
+    out = plan.apply({"attention_mask": padding.long(), "position_embeddings": (cos, cos)})
+    # Row 0 keeps columns 0, 3, 4 and row 1 keeps 0, 1, 3, 4: row 0 starts with a blocked
+    # column, and its extra query row copies its last real token (4).
+    assert out["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert plan.keep_rows.tolist() == [[4, 0, 3, 4], [0, 1, 3, 4]]
+    assert out["position_embeddings"][0][:, :, 0].tolist() == [[4, 0, 3, 4], [0, 1, 3, 4]]
+    # A decoding step: one new column, kept by every row.
+    step = _plan(torch.zeros(2, 1, 4), {"attention_mask": torch.ones(2, 6)}, dropped, padding)
+    assert step.keep_rows is None
+    assert step.keep_columns.tolist() == [[6, 0, 3, 4, 5], [0, 1, 3, 4, 5]]

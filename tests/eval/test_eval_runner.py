@@ -127,17 +127,97 @@ def test_kill_and_resume_loses_and_duplicates_nothing(
     assert _strip_times(_lines(path)) == expected
 
 
-def test_corrupt_middle_line_is_an_error(tmp_path: Path) -> None:
+def test_corrupt_middle_line_is_set_aside_and_its_sample_redone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     bench = make_benchmark()
     config = EvalConfig("none")
+    reference = tmp_path / "reference"
+    run_config(bench, config, FakePredictor(), reference, progress=False)
+    expected = _strip_times(_lines(reference / "none" / "predictions.jsonl"))
+
+    out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_config(bench, config, FakePredictor(fail_after=5), tmp_path, progress=False)
-    path = tmp_path / "none" / "predictions.jsonl"
+        run_config(bench, config, FakePredictor(fail_after=5), out, progress=False)
+    path = out / "none" / "predictions.jsonl"
     lines = path.read_text().splitlines()
+    broken = lines[2]
     lines[2] = "not json"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(PrumergeError, match=r"predictions.jsonl line 3"):
-        run_config(bench, config, FakePredictor(), tmp_path, progress=False)
+    path.write_text("\n".join(lines[:2]) + "\n\n  \n" + "\n".join(lines[2:]) + "\n")  # blanks too
+
+    second = FakePredictor()
+    with caplog.at_level("WARNING", logger="prumerge.eval.results"):
+        run_config(bench, config, second, out, progress=False)
+    # the four good lines are kept; only the unreadable one's sample runs again
+    assert second.seen[0] == json.loads(broken)["id"] and len(second.seen) == N_SAMPLES - 4
+    assert sorted(_strip_times(_lines(path)), key=lambda r: r["id"]) == expected
+    assert (out / "none" / "predictions.jsonl.rejected").read_text() == "not json\n"
+    assert "1 unreadable line(s) (line 5)" in caplog.text  # after the 2 blank lines
+
+
+def test_records_of_foreign_ids_are_not_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bench = make_benchmark(n=10)
+    config = EvalConfig("none")
+    directory = run_config(bench, config, FakePredictor(), tmp_path, progress=False)
+    record = _lines(directory / "predictions.jsonl")[0] | {"id": "not-in-the-benchmark"}
+    with (directory / "predictions.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    with caplog.at_level("WARNING", logger="prumerge.eval.summary"):
+        (result,) = summarize(tmp_path, ["none"], write=False, benchmark=bench).results
+    assert (result.n, result.n_expected, result.complete) == (10, 10, True)
+    assert "1 record(s) with ids that are not in the benchmark" in caplog.text
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    from prumerge.eval.runner import ResultsLock
+
+    bench = make_benchmark(n=4)
+    code = (
+        "import sys, time\n"
+        "from prumerge.eval.runner import ResultsLock\n"
+        f"lock = ResultsLock({str(tmp_path)!r}); lock.acquire()\n"
+        "print('locked', flush=True); sys.stdin.read()\n"
+    )
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PrumergeError, match="in use by another evaluation run"):
+            run_config(bench, EvalConfig("none"), FakePredictor(), tmp_path, progress=False)
+        assert not (tmp_path / "none").exists()  # nothing written
+    finally:
+        holder.communicate("")
+    # once the holder is gone, the same run goes through; the lock is re-entrant in-process
+    with ResultsLock(tmp_path):
+        run_config(bench, EvalConfig("none"), FakePredictor(), tmp_path, progress=False)
+    assert len(_lines(tmp_path / "none" / "predictions.jsonl")) == 4
+
+
+def test_a_lock_taken_on_a_new_directory_leaves_nothing_behind(tmp_path: Path) -> None:
+    from prumerge.eval.runner import ResultsLock
+
+    with ResultsLock(tmp_path / "new" / "results"):
+        assert (tmp_path / "new" / "results" / ".lock").exists()
+    assert not (tmp_path / "new" / "results").exists()
+
+
+def test_a_ratio_of_one_is_not_a_count_of_one(tmp_path: Path) -> None:
+    bench = make_benchmark(n=4)
+    configs = [
+        (EvalConfig("pool", 1, model_id="m"), FakePredictor(tokens_out=1)),
+        (EvalConfig("pool", 1.0, model_id="m"), FakePredictor()),
+    ]
+    summary = evaluate(bench, configs, tmp_path, progress=False)
+    assert [r.name for r in summary.results] == ["pool-1", "pool-1.0"]
+    assert [r.budget for r in summary.results] == [1, 1.0]
+    rows = summary.table().splitlines()
+    assert rows[2].split()[2] == "1" and rows[3].split()[2] == "1.0"
 
 
 @pytest.mark.parametrize(

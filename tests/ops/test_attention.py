@@ -54,3 +54,35 @@ def test_bad_inputs_raise_value_error():
         cls_attention(q, q[:, :4], num_heads=2)
     with pytest.raises(ValueError, match="mode"):
         cls_attention(q, q, num_heads=2, mode="single")  # type: ignore[arg-type]
+
+
+def test_mean_attention_matches_torch_attention_weights():
+    # The mean over heads and queries of the encoder's own attention map.
+    from prumerge.ops import mean_attention
+
+    torch.manual_seed(3)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True, bias=False)
+    x = torch.randn(2, 10, 32)
+    _, weights = mha(x, x, x, need_weights=True, average_attn_weights=True)  # (B, T, T)
+    wq, wk, _ = mha.in_proj_weight.chunk(3)
+    got = mean_attention(x @ wq.T, x @ wk.T, num_heads=4)
+    torch.testing.assert_close(got, weights.mean(dim=1), rtol=1e-5, atol=1e-6)
+    # With a [CLS] prefix, its column is dropped (the softmax still includes it).
+    prefixed = mean_attention(x @ wq.T, x @ wk.T, num_heads=4, num_prefix_tokens=1)
+    torch.testing.assert_close(prefixed, weights.mean(dim=1)[:, 1:], rtol=1e-5, atol=1e-6)
+
+
+def test_mean_attention_of_a_padded_row_equals_the_row_alone():
+    from prumerge.ops import mean_attention
+
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 2, 9, 16).unbind(0)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False  # row 1 holds 6 real tokens, then padding
+    got = mean_attention(q, k, num_heads=2, valid=valid)
+    alone = mean_attention(q[1:, :6], k[1:, :6], num_heads=2)
+    torch.testing.assert_close(got[1, :6], alone[0])
+    assert (got[1, 6:] == 0).all()
+    torch.testing.assert_close(got[0], mean_attention(q[:1], k[:1], num_heads=2)[0])
+    # Every real query's attention sums to one, so the means sum to one per row.
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(2))

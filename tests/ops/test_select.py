@@ -90,3 +90,17 @@ def test_topk_lowest_index_ties_fast_path_and_mixed_rows():
         for k in (1, 9, 49):
             expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
             assert torch.equal(topk_lowest_index_ties(scores, k), expected.sort(dim=-1).values)
+
+
+def test_split_budget_is_proportional_exact_and_bounded():
+    from prumerge.ops.select import split_budget
+
+    assert split_budget(10, [36, 36]) == [5, 5]
+    assert split_budget(11, [36, 72]) == [4, 7]  # quotas 3.67 and 7.33
+    assert split_budget(2, [36, 144, 4]) == [1, 1, 1]  # at least one each
+    assert split_budget(1000, [3, 4]) == [3, 4]  # at most each part's size
+    for total in range(3, 60):
+        counts = split_budget(total, [36, 12, 100])
+        assert sum(counts) == total and all(c >= 1 for c in counts)
+    with pytest.raises(ValueError, match="sizes"):
+        split_budget(3, [])

@@ -415,3 +415,25 @@ def test_no_python_loops_over_rows_or_tokens(name):
         assert counts[(1, 16)] == counts[(8, 16)]
     else:
         assert len(set(counts.values())) == 1, counts
+
+
+def test_anchors_of_kept_merged_and_supplement_tokens():
+    from prumerge.ops import Reduction, prumerge, spatial_pool
+
+    torch.manual_seed(0)
+    tokens, keys = torch.randn(2, 16, 8), torch.randn(2, 16, 4)
+    attn = torch.randn(2, 16).softmax(-1)
+    red = prumerge(tokens, keys, attn, keep=5)  # 4 kept patches + the supplement
+    anchors = red.anchors()
+    assert torch.equal(anchors[:, :4], red.index[:, :4])
+    assert anchors[:, 4].tolist() == [15, 15]  # the supplement stands at the last patch
+    pooled = spatial_pool(tokens, keep=4, grid=(4, 4))  # 2x2 cells of 2x2 patches
+    assert pooled.anchors().tolist() == [[0, 2, 8, 10]] * 2  # each cell's top-left patch
+    padded = Reduction(
+        tokens=torch.zeros(1, 3, 2),
+        lengths=torch.tensor([2]),
+        index=torch.tensor([[3, -1, -1]]),
+        assignment=torch.tensor([[0, 1, 1, 0]]),
+        attention_selected=torch.zeros(1, 4, dtype=torch.bool),
+    )
+    assert padded.anchors().tolist() == [[3, 1, -1]]

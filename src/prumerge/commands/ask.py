@@ -6,6 +6,12 @@ import argparse
 import json
 from typing import Any
 
+from prumerge.commands._args import (
+    add_model_placement_args,
+    check_model_placement,
+    int_arg,
+    writable_file,
+)
 from prumerge.errors import PrumergeError
 
 
@@ -36,60 +42,76 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="method option, e.g. merge=mean (repeatable)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", default="16", help="tokens to generate at most")
     parser.add_argument(
         "--compare", action="store_true", help="also run without reduction and print speedups"
     )
     parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="timed runs after a warm-up (default 1, or 3 with --compare)",
+        "--repeats", help="timed runs after a warm-up (default 1, or 3 with --compare)"
     )
     parser.add_argument(
         "--show", metavar="PNG", help="write a picture of the kept and merged patches"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda or cuda:N (default: the GPU if any, else cpu)"
+    )
+    add_model_placement_args(parser)
     parser.add_argument("--cache-dir", help="cache of the built default model")
     parser.set_defaults(func=run)
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    from prumerge.runtime import parse_keep, parse_options
+    from prumerge.runtime import parse_budget, parse_options
 
-    options = parse_options(args.option)
+    options: dict[str, Any] = dict(parse_options(args.option))
     if args.keep is not None:
-        try:
-            options["keep"] = parse_keep(args.keep)
-        except ValueError as exc:
-            raise PrumergeError(f"--keep: {exc}") from None
+        if "keep" in options:
+            raise PrumergeError("give the budget with --keep or --option keep=..., not both")
+        options["keep"] = parse_budget(args.keep, what="--keep", adaptive=True)
     return options
 
 
 def run(args: argparse.Namespace) -> int:
     import prumerge
     from prumerge.images import load_image
-    from prumerge.methods import build_method
-    from prumerge.runtime import generate_answers, load_model
+    from prumerge.runtime import (
+        check_prompt_length,
+        generate_answers,
+        load_model,
+        make_method,
+        prepare_inputs,
+        resolve_device,
+    )
 
+    # Everything the user gave is checked before the model loads.
     question = args.question.strip()
     if not question:
         raise PrumergeError("the question is empty")
-    if args.max_new_tokens < 1:
-        raise PrumergeError("--max-new-tokens must be at least 1")
-    options = _method_options(args)
-    try:
-        method = build_method(args.method, **options)
-    except (ValueError, TypeError) as exc:
-        raise PrumergeError(str(exc)) from None
+    max_new_tokens = int_arg(args.max_new_tokens, "--max-new-tokens", 1)
+    repeats = int_arg(args.repeats, "--repeats", 1) if args.repeats is not None else None
+    method = make_method(args.method, _method_options(args))
+    if args.show:
+        writable_file(args.show, "--show", kind="image")
+    device = resolve_device(args.device)
+    check_model_placement(args, device)
     image = load_image(args.image)
-    model, processor, prompt = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
-    repeats = args.repeats or (3 if args.compare else 1)
+
+    model, processor, prompt = load_model(
+        args.model,
+        device=device,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        device_map=args.device_map,
+    )
+    repeats = repeats or (3 if args.compare else 1)
     text = prompt(question)
+    check_prompt_length(
+        model, prepare_inputs(model, processor, [image], [text])["input_ids"], max_new_tokens
+    )
 
     results: dict[str, Any] = {}
-    runs = [("none", build_method("none"))] if args.compare and args.method != "none" else []
+    runs = [("none", make_method("none"))] if args.compare and args.method != "none" else []
     runs.append((args.method, method))
     for name, instance in runs:
         with prumerge.apply(model, instance) as handle:
@@ -99,28 +121,12 @@ def run(args: argparse.Namespace) -> int:
                 handle,
                 [image],
                 [text],
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 repeats=repeats,
             )
             reduction = handle.last_reduction
         results[name] = answer
     main = results[args.method]
-
-    picture = None
-    if args.show:
-        from prumerge.viz import save_reduction_picture
-
-        assert reduction is not None
-        side = int(round(main.tokens_in[0] ** 0.5))
-        rows, cols = side, main.tokens_in[0] // side
-        try:
-            picture = str(
-                save_reduction_picture(
-                    image, reduction.index[0], reduction.assignment[0], (rows, cols), args.show
-                )
-            )
-        except OSError as exc:
-            raise PrumergeError(f"cannot write {args.show}: {exc}") from None
 
     report: dict[str, Any] = {
         "answer": main.texts[0],
@@ -136,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "new_tokens": main.timing.new_tokens,
         "repeats": repeats,
-        "picture": picture,
+        "picture": None,
     }
     if "none" in results and args.method != "none":
         base = results["none"].timing
@@ -153,13 +159,47 @@ def run(args: argparse.Namespace) -> int:
             "prefill": base.prefill / max(main.timing.prefill, 1e-9),
             "total": base.total / max(main.timing.total, 1e-9),
         }
+    # The answer is printed before the picture is written (with --json, the JSON says whether
+    # it was): a picture that cannot be written does not lose the answer.
+    error = None
+    if args.show and args.json:
+        error = _save_picture(args.show, image, reduction, main.tokens_in[0])
+        report["picture"] = None if error else args.show
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+    else:
+        _print_report(report, args.method, repeats)
+        if args.show:
+            error = _save_picture(args.show, image, reduction, main.tokens_in[0])
+            if error is None:
+                print(f"picture: {args.show}")
+    if error is not None:
+        raise PrumergeError(error)
+    return 0
+
+
+def _save_picture(path: str, image: Any, reduction: Any, tokens_in: int) -> str | None:
+    """Write the kept-token picture; on failure remove any partial file and say why."""
+    from pathlib import Path
+
+    from prumerge.viz import save_reduction_picture
+
+    side = int(round(tokens_in**0.5))
+    try:
+        save_reduction_picture(
+            image, reduction.index[0], reduction.assignment[0], (side, tokens_in // side), path
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        Path(path).unlink(missing_ok=True)
+        return f"cannot write {path}: {exc}"
+    return None
+
+
+def _print_report(report: dict[str, Any], method: str, repeats: int) -> None:
     seconds = report["seconds"]
     print(f"answer: {report['answer']}")
     print(
-        f"visual tokens: {report['visual_tokens_in']} -> {report['visual_tokens_out']} ({args.method})"
+        f"visual tokens: {report['visual_tokens_in']} -> {report['visual_tokens_out']} ({method})"
     )
     print(
         f"time: vision {seconds['vision']:.3f} s, prefill {seconds['prefill']:.3f} s, "
@@ -173,6 +213,3 @@ def run(args: argparse.Namespace) -> int:
             f"total {base['seconds']['total']:.3f} s; speedup: prefill {report['speedup']['prefill']:.2f}x, "
             f"total {report['speedup']['total']:.2f}x"
         )
-    if picture:
-        print(f"picture: {picture}")
-    return 0

@@ -9,15 +9,17 @@ validated before the model loads, and bad input is one line on stderr with exit 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from prumerge.commands._args import int_arg
+from prumerge.commands._args import (
+    add_model_placement_args,
+    check_model_placement,
+    int_arg,
+    writable_file,
+)
 from prumerge.errors import PrumergeError
-
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--keep",
         help="comma-separated budgets for methods given without one: counts (64), ratios of "
-        "the patches (0.25) or auto (the method's default, adaptive for prumerge); default auto",
+        "the patches (0.25) or adaptive (the method's default: adaptive for prumerge and "
+        "prumerge+); default adaptive",
     )
     parser.add_argument(
         "--option",
@@ -62,10 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="HF LLaVA model id or local directory, or default:base for the embedded model "
         "trained without reduction (default: the embedded model)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument(
-        "--dtype", default="auto", help=f"model dtype: {', '.join(_DTYPES)} (default: as loaded)"
+        "--device", default="auto", help="cpu, cuda or cuda:N (default: the GPU if any, else cpu)"
     )
+    add_model_placement_args(parser)
     parser.add_argument(
         "--threads", help="torch CPU threads (default: torch's); 1 is steadier on a busy machine"
     )
@@ -93,27 +96,6 @@ def _positive(value: str | None, flag: str) -> float:
     if not 0 < number < float("inf"):
         raise PrumergeError(f"{flag} must be a positive finite number, got {value!r}")
     return number
-
-
-def _device(text: str) -> Any:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise PrumergeError(
-            f"--device: unknown device {text!r}; supported: cpu, cuda[:N]"
-        ) from None
-    if device.type not in ("cpu", "cuda"):
-        raise PrumergeError(f"--device {text!r} is not supported; supported: cpu, cuda[:N]")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PrumergeError("--device cuda: CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise PrumergeError(
-                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here"
-            )
-    return device
 
 
 def _hardware(args: argparse.Namespace, device: Any) -> Any:
@@ -146,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         to_json,
     )
     from prumerge.images import load_image
-    from prumerge.runtime import load_model, parse_options
+    from prumerge.runtime import check_prompt_length, load_model, parse_options, resolve_device
 
     configs = parse_configs(args.methods, args.keep, parse_options(args.option))
     batch = int_arg(args.batch, "--batch", 1)
@@ -157,29 +139,28 @@ def run(args: argparse.Namespace) -> int:
     question = args.question.strip()
     if not question:
         raise PrumergeError("the question is empty")
-    if args.dtype not in _DTYPES:
-        raise PrumergeError(f"--dtype must be one of {', '.join(_DTYPES)}, got {args.dtype!r}")
     paths = [p.strip() for p in args.images.split(",")]
     if not args.images.strip() or any(not p for p in paths):
         raise PrumergeError(f"--images must be comma-separated image files, got {args.images!r}")
-    images = [load_image(p) for p in paths]
-    device = _device(args.device)
-    hardware = _hardware(args, device)
     if args.plot:
-        folder = Path(args.plot).expanduser().resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise PrumergeError(f"cannot write {args.plot}: {folder} is not a writable folder")
+        writable_file(args.plot, "--plot", kind="plot")
+    images = [load_image(p) for p in paths]
+    device = resolve_device(args.device)
+    check_model_placement(args, device)
+    hardware = _hardware(args, torch.device(device))
 
     if threads is not None:
         torch.set_num_threads(threads)
-    wanted = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, processor, prompt_fn = load_model(
-        args.model, device=str(device), cache_dir=args.cache_dir, dtype=wanted
+        args.model,
+        device=device,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        device_map=args.device_map,
     )
-    if wanted is not None and model.dtype != wanted:
-        model = model.to(wanted)
     name = args.model or "default model (DINOv2-S/14 + SmolLM2-135M)"
     batches = make_batches(model, processor, prompt_fn(question), images, paths, batch)
+    check_prompt_length(model, batches[0].inputs["input_ids"], new_tokens)
 
     def progress(message: str) -> None:
         if not args.json:
@@ -228,12 +209,31 @@ def run(args: argparse.Namespace) -> int:
         "memory": memory_kind,
         "results": summarise(configs, samples, observed, predictions),
     }
-    if args.plot:
-        report["plot"] = save_plot(report, args.plot)
+    # The table is printed before the plot is drawn (with --json, the JSON says whether it
+    # was): a plot that cannot be written does not lose the measurements.
+    error = None
+    if args.plot and args.json:
+        error = _save_plot(report, args.plot, save_plot)
     if args.json:
         print(to_json(report))
     else:
         print(format_report(report))
         if args.plot:
-            print(f"plot: {args.plot}")
+            error = _save_plot(report, args.plot, save_plot)
+            if error is None:
+                print(f"plot: {args.plot}")
+    if error is not None:
+        raise PrumergeError(error)
     return 0
+
+
+def _save_plot(report: dict[str, Any], path: str, save_plot: Any) -> str | None:
+    """Draw the plot into ``path`` (recorded in ``report``); on failure remove any partial
+    file and say why."""
+    try:
+        report["plot"] = str(save_plot(report, path))
+    except (OSError, ValueError, PrumergeError) as exc:
+        Path(path).unlink(missing_ok=True)
+        report["plot"] = None
+        return str(exc) if isinstance(exc, PrumergeError) else f"cannot write {path}: {exc}"
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="custom hardware: on-chip buffer bytes (optional, FlashAttention blocks)",
     )
     p.add_argument(
+        "--memory",
+        default=None,
+        help="custom hardware: device memory in bytes (optional; warns when a request needs more)",
+    )
+    p.add_argument(
         "--per-op", action="store_true", help="also show every operator of one prefill layer"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -117,6 +123,7 @@ def _hardware(args: argparse.Namespace) -> Any:
         "--peak-fp16": args.peak_fp16,
         "--peak-int8": args.peak_int8,
         "--onchip-buffer": args.onchip_buffer,
+        "--memory": args.memory,
     }
     given = [flag for flag, v in numbers.items() if v is not None]
     name = args.hardware if args.hardware is not None else ("custom" if given else "v100")
@@ -133,7 +140,31 @@ def _hardware(args: argparse.Namespace) -> Any:
         peak,
         _float(args.peak_int8, "--peak-int8"),
         _float(args.onchip_buffer, "--onchip-buffer"),
+        memory=_float(args.memory, "--memory"),
     )
+
+
+def _warn_if_too_big(results: list[Any], hardware: Any) -> None:
+    """One stderr line when a request's weights and KV cache exceed the device's memory."""
+    if hardware.memory is None:
+        return
+    worst = max(results, key=lambda e: e.memory_needed)
+    if worst.memory_needed <= hardware.memory:
+        return
+    print(
+        f"prumerge: warning: {worst.visual_tokens} visual tokens at batch {worst.batch} need at "
+        f"least {_bytes(worst.memory_needed)} (weights {_bytes(worst.weights)}, KV cache "
+        f"{_bytes(worst.kv_cache_final)}), more than {hardware.name} has "
+        f"({_bytes(hardware.memory)}); the roofline times assume it fits",
+        file=sys.stderr,
+    )
+
+
+def _bytes(value: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 def _ratio(value: float, base: float) -> float | None:
@@ -208,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     rows = _ROWS + (_VISION_ROWS if encoder else [])
     peak = hardware.peak_ops(w, a, kv)
+    _warn_if_too_big(results, hardware)
 
     if args.json:
         base = results[0]

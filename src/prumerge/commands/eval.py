@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prumerge.commands._args import add_model_placement_args, check_model_placement
 from prumerge.errors import PrumergeError
 
 ADAPTIVE = "adaptive"
@@ -119,11 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="cpu, cuda, cuda:1, ... (default: the local GPU if there is one, else cpu)",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        help="weights' dtype (default: float32); part of the results' identity",
-    )
+    add_model_placement_args(parser)
     parser.add_argument("--cache-dir", help="cache of the built default model")
     parser.set_defaults(func=run)
 
@@ -143,29 +140,19 @@ class Planned:
 
 
 def parse_budgets(text: str) -> list[int | float | None]:
-    """``--keep``: counts, ratios and ``adaptive`` (None), in order, without repeats."""
-    from prumerge.runtime import parse_keep
+    """``--keep``: counts, ratios and ``adaptive`` (None), in order, without repeats.
+
+    ``1`` (one token) and ``1.0`` (all of them) are different budgets and both run.
+    """
+    from prumerge.runtime import budget_key, parse_budget
 
     budgets: list[int | float | None] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
             continue
-        value: int | float | None
-        if item.lower() == ADAPTIVE:
-            value = None
-        else:
-            try:
-                value = parse_keep(item)
-            except ValueError:
-                raise PrumergeError(
-                    f"--keep: {item!r} is not a count, a ratio or '{ADAPTIVE}'"
-                ) from None
-            if isinstance(value, int) and value < 1:
-                raise PrumergeError(f"--keep: a token count must be at least 1, got {item}")
-            if isinstance(value, float) and not 0.0 < value <= 1.0:
-                raise PrumergeError(f"--keep: a ratio must be in (0, 1], got {item}")
-        if value not in budgets:
+        value = parse_budget(item, what="--keep", adaptive=True)
+        if budget_key(value) not in {budget_key(b) for b in budgets}:
             budgets.append(value)
     if not budgets:
         raise PrumergeError("--keep is empty")
@@ -186,8 +173,8 @@ def _split_option(pair: str, methods: list[str]) -> tuple[str | None, str]:
 
 
 def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-method options from ``--option``; each unscoped option goes to every listed method
-    that takes it, and must be taken by at least one."""
+    """Per-method options from ``--option``, as text; each unscoped option goes to every
+    listed method that takes it, and must be taken by at least one."""
     from prumerge.methods import METHODS, option_defaults
     from prumerge.runtime import parse_options
 
@@ -216,10 +203,11 @@ def plan_configs(
 ) -> list[Planned]:
     """The configurations ``--methods``, ``--keep`` and ``--option`` ask for (see the help).
 
-    Every method is built once per configuration here, so unknown methods, unknown options and
-    bad values fail before any model is loaded.
+    Every method is built once per configuration here (``prumerge.runtime.make_method``), so
+    unknown methods, unknown options and bad values fail before any model is loaded.
     """
-    from prumerge.methods import METHODS, build_method, method_names, option_defaults
+    from prumerge.methods import METHODS, method_names, option_defaults
+    from prumerge.runtime import coerce_options, make_method
 
     methods: list[str] = []
     for raw in methods_text.split(","):
@@ -247,42 +235,22 @@ def plan_configs(
                     f"method {name!r} needs a token budget and --keep lists none; add one "
                     f"(e.g. --keep {keep_text},64)"
                 )
+        typed = coerce_options(name, options[name])
         for budget in chosen:
             extra = {} if budget is None else {"keep": budget}
-            try:
-                # Some option values are only checked when the method runs: run it once on a
-                # small random input, so that a bad value fails here and not after the model
-                # has loaded (or, worse, half-way through a run).
-                build_method(name, **options[name], **extra).reduce(_trial_inputs())
-            except (ValueError, TypeError) as exc:
-                raise PrumergeError(f"method {name!r}: {exc}") from None
-            planned.append(Planned(name, budget, options[name]))
+            make_method(name, {**typed, **extra})
+            planned.append(Planned(name, budget, typed))
     return planned
 
 
-def _trial_inputs() -> Any:
-    """Random features, keys and [CLS] attention for a 4x4 patch grid."""
-    import torch
-
-    from prumerge.methods import VisionInputs
-
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(1, 16, 8, generator=generator)  # (B, N, C)
-    return VisionInputs(
-        features=features,
-        keys=torch.randn(1, 16, 8, generator=generator),
-        cls_attn=torch.softmax(torch.randn(1, 16, generator=generator), dim=-1),
-        grid=(4, 4),
-    )
-
-
 def benchmark_options(pairs: list[str] | None, benchmark: str) -> dict[str, Any]:
-    """``--benchmark-option`` values; comma-separated values become lists for loader options
-    typed as lists or iterables (``splits``, ``question_types``, ``subtasks``)."""
+    """``--benchmark-option`` values, typed by the loader's annotations: integers, numbers,
+    true/false, and comma-separated lists for options typed as lists or iterables
+    (``splits``, ``question_types``, ``subtasks``); other values stay text."""
     from prumerge.eval.datasets import get_benchmark
     from prumerge.runtime import parse_options
 
-    options = parse_options(pairs)
+    options: dict[str, Any] = dict(parse_options(pairs))
     if not options:
         return options
     loader = get_benchmark(benchmark).loader
@@ -293,10 +261,25 @@ def benchmark_options(pairs: list[str] | None, benchmark: str) -> dict[str, Any]
             raise PrumergeError(
                 f"--benchmark-option {key}: {benchmark} takes no option {key!r} (options: {known})"
             )
-        annotation = str(parameters[key].annotation)
-        if isinstance(value, str) and any(t in annotation for t in ("list", "Iterable", "tuple")):
-            options[key] = [part.strip() for part in value.split(",") if part.strip()]
+        options[key] = _typed_loader_value(key, value, parameters[key])
     return options
+
+
+def _typed_loader_value(key: str, text: str, parameter: inspect.Parameter) -> Any:
+    """One loader option from text, typed by the loader's annotation."""
+    from prumerge.runtime import coerce_value, value_kinds
+
+    annotation = str(parameter.annotation)
+    if any(t in annotation for t in ("list", "Iterable", "tuple")):
+        if text.strip().lower() == "none" and "None" in annotation:
+            return None
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        if not items:
+            raise PrumergeError(f"--benchmark-option {key}: give at least one value")
+        return items
+    default = None if parameter.default is inspect.Parameter.empty else parameter.default
+    kinds = value_kinds(parameter.annotation, default)
+    return coerce_value(text, kinds, f"--benchmark-option {key}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,18 +293,6 @@ def _launcher_rank() -> tuple[int, int, int]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     return rank, world, local
-
-
-def _device(requested: str, local_rank: int) -> str:
-    import torch
-
-    if requested == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise PrumergeError(f"--device {requested}: no CUDA device is available")
-    return requested
 
 
 def _init_distributed(world: int, device: str) -> bool:
@@ -377,6 +348,8 @@ class _QuietError(Exception):
 def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> int:
     from prumerge.eval.datasets import get_benchmark, load_benchmark
     from prumerge.eval.predictor import max_new_tokens_for
+    from prumerge.eval.runner import check_results_directory
+    from prumerge.runtime import resolve_device
 
     # Everything up to the model load depends only on the arguments and the files, so every
     # process fails alike; only rank 0 says why.
@@ -394,19 +367,21 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> in
                 f"{args.benchmark} reads its data from files: give --data-root DIR (LLaVA's "
                 f"playground/data/eval/<name> layout; see docs/eval.md)"
             )
+        out = Path(args.out or Path("results") / args.benchmark)
+        check_results_directory(out)
         benchmark = load_benchmark(
             args.benchmark, args.data_root, limit=args.limit, **bench_options
         )
         if not benchmark.samples:
             raise PrumergeError(f"{args.benchmark}: no samples to evaluate")
-        device = _device(args.device, local_rank)
+        device = resolve_device(args.device, local_rank=local_rank)
+        check_model_placement(args, device)
     except PrumergeError:
         if rank != 0:
             raise _QuietError from None
         raise
 
     max_new_tokens = args.max_new_tokens or max_new_tokens_for(benchmark.metric)
-    out = Path(args.out or Path("results") / args.benchmark)
     distributed = _init_distributed(world, device)
     try:
         return _evaluate(args, benchmark, planned, out, device, max_new_tokens, rank, world)
@@ -427,6 +402,39 @@ def _evaluate(
     rank: int,
     world: int,
 ) -> int:
+    from prumerge.eval.runner import ResultsLock, share_error
+
+    # One run per results directory at a time: a second one would append every prediction
+    # again. Rank 0 holds the lock for the whole run; every rank learns if it failed.
+    lock = ResultsLock(out) if rank == 0 else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except PrumergeError as exc:
+            error = str(exc)
+    error = share_error(error)
+    if error is not None:
+        if rank != 0:
+            raise _QuietError
+        raise PrumergeError(error)
+    try:
+        return _evaluate_locked(args, benchmark, planned, out, device, max_new_tokens, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_locked(
+    args: argparse.Namespace,
+    benchmark: Any,
+    planned: list[Planned],
+    out: Path,
+    device: str,
+    max_new_tokens: int,
+    rank: int,
+    world: int,
+) -> int:
     from prumerge.eval.predictor import ModelPredictor
     from prumerge.eval.runner import EvalConfig, check_directory, run_config, summarize
     from prumerge.methods import build_method
@@ -438,7 +446,11 @@ def _evaluate(
         hf_logging.disable_progress_bar()  # from_pretrained's weight-loading bar
     started = time.perf_counter()
     model, processor, prompt_fn = load_model(
-        args.model, device=device, cache_dir=args.cache_dir, dtype=args.dtype
+        args.model,
+        device=device,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        device_map=args.device_map,
     )
     load_seconds = time.perf_counter() - started
     model_id = _model_id(args.model, model)
@@ -484,14 +496,15 @@ def _evaluate(
         return 0
 
     names = [config.name for config, _ in configs]
-    summary = summarize(out, names, plot=not args.no_plot)
+    summary = summarize(out, names, plot=not args.no_plot, benchmark=benchmark)
     report = summary.to_dict()
     report.update(
         out_dir=str(out),
         summary_files=[str(out / "summary.txt"), str(out / "summary.json")],
         plot=None if args.no_plot else str(out / "accuracy_vs_tokens.png"),
         model_id=model_id,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
         n_samples=len(benchmark.samples),
         processes=world,
         batch_size=args.batch_size,

@@ -168,6 +168,11 @@ class VisionResult:
     def ops(self) -> float:
         return self.encoder.ops + self.projector.ops
 
+    @property
+    def weights(self) -> float:
+        """Weight bytes of the encoder and the projector."""
+        return self.encoder.totals["load_weight"] + self.projector.totals["load_weight"]
+
     def to_dict(self, per_op: bool = False) -> dict[str, object]:
         return {
             "time": self.time,
@@ -245,6 +250,13 @@ class CostEstimate:
         return self.prefill.totals["load_weight"]
 
     @property
+    def memory_needed(self) -> float:
+        """A lower bound on device memory for this request: the decoder's weights (and the
+        vision encoder's, if modelled) plus the KV cache after the last step."""
+        vision = self.vision.weights if self.vision else 0.0
+        return self.weights + vision + self.kv_cache_final
+
+    @property
     def time_to_first_token(self) -> float:
         """Vision (if modelled) + decoder prefill time."""
         return self.prefill.time + (self.vision.time if self.vision else 0.0)
@@ -261,6 +273,7 @@ class CostEstimate:
             "kv_cache_prefill": self.kv_cache_prefill,
             "kv_cache_final": self.kv_cache_final,
             "weights": self.weights,
+            "memory_needed": self.memory_needed,
             "time_to_first_token": self.time_to_first_token,
         }
 

@@ -9,6 +9,7 @@ vocab 49152).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ class DecoderSpec:
             )
         if self.head_dim is not None and self.head_dim <= 0:
             raise PrumergeError(f"{self.name}: head_dim must be positive")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise PrumergeError(
+                f"{self.name}: hidden_size ({self.hidden_size}) is not a multiple of "
+                f"num_attention_heads ({self.num_heads}), and no head_dim is given"
+            )
 
     @property
     def head_size(self) -> int:
@@ -208,6 +214,8 @@ def get_decoder(name_or_path: str) -> DecoderSpec:
         path = path / "config.json"
     if path.is_file():
         return decoder_from_config(path)
+    if path.suffix.lower() == ".json" or "/" in name_or_path or os.sep in name_or_path:
+        raise PrumergeError(f"model config {str(path)!r} not found")
     raise PrumergeError(
         f"unknown model {name_or_path!r}; supported: {', '.join(DECODERS)}, "
         "or a path to a llama-like config.json"
@@ -225,6 +233,17 @@ def get_encoder(name: str) -> EncoderSpec:
     if key not in ENCODERS:
         raise PrumergeError(f"unknown vision encoder {name!r}; supported: {', '.join(ENCODERS)}")
     return ENCODERS[key]
+
+
+# Fields that mark a mixture-of-experts decoder (Mixtral, Qwen-MoE, DeepSeek-MoE, OLMoE...),
+# whose MLP cost depends on experts per token, which the dense formulas do not model.
+_MOE_KEYS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
 
 
 def _int_field(cfg: dict[str, Any], key: str, source: str) -> int:
@@ -254,6 +273,13 @@ def decoder_from_config(path: str | Path) -> DecoderSpec:
     if isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]
     source = str(path)
+    experts = {key: cfg[key] for key in _MOE_KEYS if cfg.get(key) not in (None, 0, 1)}
+    if experts:
+        found = ", ".join(f"{key}={value}" for key, value in experts.items())
+        raise PrumergeError(
+            f"{source}: a mixture-of-experts config ({found}); the cost model covers dense "
+            "LLaMA-style decoders only"
+        )
     heads = _int_field(cfg, "num_attention_heads", source)
     kv_heads = cfg.get("num_key_value_heads")
     head_dim = cfg.get("head_dim")

@@ -13,6 +13,7 @@ naming the file and, for line-oriented files, the line.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,11 +24,14 @@ from typing import Any
 from prumerge.data.easy_vqa import easy_vqa_split, question_type
 from prumerge.data.sample import OPTION_ANSWER, SHORT_ANSWER, Sample
 from prumerge.errors import PrumergeError
+from prumerge.images import load_image
 
 __all__ = [
     "BENCHMARKS",
+    "DATA_SOURCES",
     "Benchmark",
     "BenchmarkSpec",
+    "ImageFile",
     "Sample",
     "available_benchmarks",
     "get_benchmark",
@@ -57,6 +61,57 @@ class Benchmark:
 
 
 Loader = Callable[..., Iterable[Sample]]
+
+#: Where the external benchmarks' files come from (docs/eval.md has the steps). LLaVA's eval
+#: bundle is the eval.zip linked from LLaVA's docs/Evaluation.md (haotian-liu/LLaVA).
+DATA_SOURCES: dict[str, str] = {
+    "vqav2": "questions: llava_vqav2_mscoco_test-dev2015.jsonl in LLaVA's eval.zip (linked "
+    "from LLaVA's docs/Evaluation.md); images: COCO test2015, "
+    "http://images.cocodataset.org/zips/test2015.zip",
+    "textvqa": "llava_textvqa_val_v051_ocr.jsonl in LLaVA's eval.zip (linked from LLaVA's "
+    "docs/Evaluation.md); TextVQA_0.5.1_val.json and train_val_images.zip from "
+    "https://textvqa.org/dataset (dl.fbaipublicfiles.com/textvqa/)",
+    "pope": "coco/coco_pope_{random,popular,adversarial}.json from "
+    "https://github.com/AoiDragon/POPE (output/coco); images: COCO val2014, "
+    "http://images.cocodataset.org/zips/val2014.zip",
+    "mme": "MME_Benchmark_release_version, requested as MME's page says: "
+    "https://github.com/BradyFU/Awesome-Multimodal-Large-Language-Models/tree/Evaluation",
+    "scienceqa-img": "problems.json, pid_splits.json and images/ from data/scienceqa of "
+    "https://github.com/lupantech/ScienceQA; llava_test_CQM-A.json in LLaVA's eval.zip",
+}
+
+
+def _missing(benchmark: str, message: str) -> PrumergeError:
+    """A not-found error for ``benchmark``'s data that says where to get it."""
+    source = DATA_SOURCES.get(benchmark)
+    hint = f" (get it: {source}; see docs/eval.md)" if source else ""
+    return PrumergeError(f"{benchmark}: {message}{hint}")
+
+
+#: Benchmark images are shrunk only past this side (no standard benchmark has such images),
+#: so that the pixels the processor sees are the file's own, as in LLaVA's evaluation.
+BENCHMARK_IMAGE_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A benchmark image on disk, read by :func:`prumerge.images.load_image` when called.
+
+    Samples carry one instead of a bare path, so that every image is read the robust way:
+    16-bit and alpha images are converted, huge ones shrunk past ``BENCHMARK_IMAGE_SIDE``,
+    absurd and broken ones refused with a one-line error.
+    """
+
+    path: Path
+
+    def __call__(self) -> Any:
+        return load_image(self.path, working_size=BENCHMARK_IMAGE_SIDE)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 @dataclass(frozen=True)
@@ -146,7 +201,7 @@ def load_benchmark(
         raise PrumergeError(f"benchmark {name!r} needs a data directory (root)")
     root_path = Path(root).expanduser() if root is not None else None
     if root_path is not None and not root_path.is_dir():
-        raise PrumergeError(f"{name}: data directory {root_path} does not exist")
+        raise _missing(name, f"data directory {root_path} does not exist")
     if limit is not None and limit < 0:
         raise PrumergeError(f"limit must be non-negative, got {limit}")
     try:
@@ -161,6 +216,12 @@ def load_benchmark(
         if sample.id in seen:
             raise PrumergeError(f"{name}: duplicate sample id {sample.id!r}")
         seen.add(sample.id)
+    samples = [
+        dataclasses.replace(s, image=ImageFile(Path(s.image)))
+        if isinstance(s.image, (str, Path))
+        else s
+        for s in samples
+    ]
     recorded = {
         key: (str(value) if isinstance(value, Path) else value) for key, value in options.items()
     }
@@ -178,7 +239,7 @@ def _resolve(root: Path, path: str | Path, what: str, benchmark: str) -> Path:
     if not resolved.is_absolute():
         resolved = root / resolved
     if not resolved.exists():
-        raise PrumergeError(f"{benchmark}: {what} {resolved} not found")
+        raise _missing(benchmark, f"{what} {resolved} not found")
     return resolved
 
 
@@ -228,7 +289,7 @@ def _image_dir(root: Path, image_dir: str, benchmark: str, check: bool) -> Path:
     images = Path(image_dir).expanduser()
     images = images if images.is_absolute() else root / images
     if check and not images.is_dir():
-        raise PrumergeError(f"{benchmark}: image directory {images} not found")
+        raise _missing(benchmark, f"image directory {images} not found")
     return images
 
 
@@ -243,7 +304,7 @@ class _ImageChecker:
     def __call__(self, path: Path, where: str) -> Path:
         if self.enabled and path not in self.seen:
             if not path.is_file():
-                raise PrumergeError(f"{self.benchmark}: {where}: image {path} not found")
+                raise _missing(self.benchmark, f"{where}: image {path} not found")
             self.seen.add(path)
         return path
 
@@ -643,9 +704,10 @@ def _load_mme(root: Path, *, subtasks: Iterable[str] | None = None) -> Iterator[
     if subtasks is None:
         chosen = [s for s in known if (root / s).is_dir()]
         if not chosen:
-            raise PrumergeError(
-                f"{name}: no MME subtask folders ({', '.join(known)}) in {root}; point root at "
-                "MME_Benchmark_release_version"
+            raise _missing(
+                name,
+                f"no MME subtask folders ({', '.join(known)}) in {root}; point root at "
+                "MME_Benchmark_release_version",
             )
     else:
         chosen = list(subtasks)
@@ -653,7 +715,7 @@ def _load_mme(root: Path, *, subtasks: Iterable[str] | None = None) -> Iterator[
             if subtask not in known:
                 raise PrumergeError(f"{name}: unknown subtask {subtask!r}; known: {known}")
             if not (root / subtask).is_dir():
-                raise PrumergeError(f"{name}: subtask folder {root / subtask} not found")
+                raise _missing(name, f"subtask folder {root / subtask} not found")
     for subtask in chosen:
         folder = root / subtask
         if (folder / "questions_answers_YN").is_dir():

@@ -8,8 +8,13 @@
 
 ``model_args``: ``pretrained`` (an HF LLaVA id or directory; omitted or ``default``: the
 embedded model), ``method`` (default ``prumerge``), ``keep`` (a count, a ratio or
-``adaptive``), ``max_new_tokens`` (a cap below the task's own), ``cache_dir``, and any
-option of the method (``merge=mean``, ``attention=reference``, ...).
+``adaptive``), ``max_new_tokens`` (a cap below the task's own), ``dtype`` (float32,
+float16, bfloat16 or auto; default float32 on the CPU, bfloat16 or float16 on CUDA),
+``device_map`` (auto, balanced, sequential, ...: accelerate places the model instead of
+``device``), ``cache_dir``, and any option of the method (``merge=mean``,
+``attention=reference``, ...). Budgets and options go through the same parser and checks as
+``prumerge ask``/``eval``/``bench`` (``prumerge.runtime.make_method``), before the model
+loads.
 
 How lmms-eval finds it: lmms-eval 0.7 resolves ``--model`` through its model registry,
 which reads :class:`ModelManifest` objects from the Python entry-point group
@@ -60,17 +65,11 @@ def manifest() -> Any:
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.PrumergeLlava")
 
 
-def _budget(keep: Any) -> int | float | None:
-    if keep is None or (isinstance(keep, str) and keep.lower() in ("adaptive", "none", "")):
-        return None
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        from prumerge.runtime import parse_keep
-
-        try:
-            return parse_keep(str(keep))
-        except ValueError:
-            raise PrumergeError(f"keep={keep!r}: not a count, a ratio or 'adaptive'") from None
-    return keep
+def _positive_int(value: Any, name: str) -> int:
+    text = str(value).strip()
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise PrumergeError(f"{name} must be a positive integer, got {value!r}")
+    return int(text)
 
 
 def _batch_size(value: Any) -> int:
@@ -106,6 +105,8 @@ class PrumergeLlava(lmms):
         max_batch_size: Accepted for lmms-eval's interface; unused.
         cache_dir: Cache of the built default model.
         max_new_tokens: Upper bound on every task's ``max_new_tokens``.
+        dtype: Weights' dtype (see ``prumerge.runtime.resolve_dtype``).
+        device_map: An accelerate device map, instead of ``device``.
         **options: Further method options (``merge="mean"``, ``attention="reference"``...).
     """
 
@@ -121,34 +122,53 @@ class PrumergeLlava(lmms):
         max_batch_size: Any = None,
         cache_dir: str | None = None,
         max_new_tokens: int | None = None,
+        dtype: str | None = None,
+        device_map: str | None = None,
         **options: Any,
     ) -> None:
         import torch
 
         from prumerge.eval.predictor import ModelPredictor
-        from prumerge.runtime import load_model
+        from prumerge.runtime import (
+            load_model,
+            make_method,
+            model_device,
+            parse_device_map,
+            resolve_device,
+            resolve_dtype,
+        )
 
         super().__init__()
         self._rank = int(os.environ.get("RANK", "0"))
         self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device in (None, "", "auto", "cuda"):
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
+        # Everything given is checked before the model loads, by the CLI's own checks.
+        if keep is not None:
+            options["keep"] = keep
+        reducer = make_method(str(method), options)
+        if max_new_tokens in (None, "", 0):
+            self.max_new_tokens = None
+        else:
+            self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+        device = resolve_device(None if device is None else str(device), local_rank=local_rank)
+        device_map = parse_device_map(None if device_map is None else str(device_map))
+        resolve_dtype(None if dtype is None else str(dtype), device)
         self.batch_size_per_gpu = _batch_size(batch_size)
-        self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
         model_id = None if pretrained in (None, "", "default", "None") else str(pretrained)
-        model, processor, prompt_fn = load_model(model_id, device=str(device), cache_dir=cache_dir)
-        budget = _budget(keep)
-        if budget is not None:
-            options["keep"] = budget
+        model, processor, prompt_fn = load_model(
+            model_id,
+            device=device,
+            cache_dir=cache_dir,
+            dtype=None if dtype is None else str(dtype),
+            device_map=device_map,
+        )
+        self._device = torch.device(model_device(model))
         self.predictor = ModelPredictor(
             model,
             processor,
             prompt_fn,
-            str(method),
+            reducer,
             max_new_tokens=self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-            **options,
         )
         self.pretrained = model_id or "default"
         #: Visual tokens over all requests answered so far: images, before and after reduction.

@@ -157,12 +157,14 @@ class ModelPredictor:
         With a vision-side method, the samples that share an image share its prompt prefix
         (:mod:`prumerge.shared_prefix`): the vision tower, the reduction and the LLM's pass
         over the image's tokens run once per image, not once per question. The answers are
-        those of ``generate``. FastV, whose kept tokens depend on the question, answers each
-        sample in full.
+        those of ``generate``. FastV, whose kept tokens depend on the question, and
+        ``positions="original"`` (whose position ids the shared prefix does not build) answer
+        each sample in full.
         """
         if self.handle is None:
             raise PrumergeError("this predictor is closed")
-        if self.handle.fastv is None and samples:
+        shareable = self.handle.fastv is None and self.handle.positions == "compact"
+        if shareable and samples:
             return self._predict_shared(samples)
         questions = [self.prompt_fn(sample.prompt) for sample in samples]
         images = [[sample.load_image()] for sample in samples]

@@ -12,50 +12,67 @@ On disk, ``out_dir/<config name>/`` holds
   configuration is refused unless ``overwrite=True``.
 - ``predictions.jsonl``: one record per sample, written and flushed line by line. A run that
   is killed at any moment and started again skips the samples already recorded (a torn last
-  line is cut off), so no prediction is lost or duplicated.
+  line is cut off), so no prediction is lost or duplicated. Blank lines are skipped; a line
+  that does not parse is set aside in ``predictions.jsonl.rejected`` (with a warning) and its
+  sample runs again, so the good lines around it are kept.
 - ``predictions.rank<r>-of-<w>.jsonl`` while a data-parallel run is under way: with
   ``torch.distributed`` initialised (``torchrun``, ``accelerate launch``), rank r takes samples
   r, r+w, r+2w, ... and writes its own shard; after a barrier rank 0 merges the shards into
   ``predictions.jsonl`` in benchmark order and removes them.
 
-:func:`summarize` scores the records with the benchmark's metric and writes
+:func:`summarize` (in :mod:`prumerge.eval.summary`) scores the records with the benchmark's metric and writes
 ``summary.txt`` (a table), ``summary.json`` and ``accuracy_vs_tokens.png`` into ``out_dir``.
+
+One run at a time per ``out_dir``: :class:`ResultsLock` (a file lock, ``out_dir/.lock``) is
+held by :func:`run_config` and :func:`evaluate` (and by ``prumerge eval`` from before its
+model loads), so a second run on the same directory is refused instead of writing every
+prediction a second time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from prumerge.errors import PrumergeError
 from prumerge.eval.datasets import Benchmark, Sample
-from prumerge.eval.metrics import METRIC_DESCRIPTIONS, score_records
+from prumerge.eval.results import (
+    CONFIG,
+    PREDICTIONS,
+    ResultsLock,
+    _read_jsonl_records,
+    _shard_files,
+    check_results_directory,
+    format_budget,
+    read_predictions,
+)
+from prumerge.eval.summary import ConfigResult, Summary, plot_summary, summarize
 
 __all__ = [
     "ConfigResult",
     "EvalConfig",
     "Prediction",
     "Predictor",
+    "ResultsLock",
     "Summary",
     "check_directory",
+    "check_results_directory",
     "evaluate",
+    "format_budget",
+    "plot_summary",
     "read_predictions",
     "run_config",
     "summarize",
 ]
 
 FORMAT_VERSION = 1
-PREDICTIONS = "predictions.jsonl"
-CONFIG = "config.json"
-_SHARD_PATTERN = re.compile(r"predictions\.rank(\d+)-of-(\d+)\.jsonl")
 
 
 @dataclass(frozen=True)
@@ -179,8 +196,8 @@ def _existing_identity(directory: Path) -> dict[str, Any] | None:
 def _mismatch_message(directory: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return (
         f"{directory} holds results of a different configuration "
-        f"({_describe_difference(old, new)}); use another output directory or "
-        "overwrite=True (--overwrite) to replace them"
+        f"({_describe_difference(old, new)}); use another output directory, or replace "
+        "them with --overwrite (overwrite=True in Python)"
     )
 
 
@@ -240,70 +257,6 @@ def _prepare_directory(
 # ---------------------------------------------------------------------------------------------
 # Prediction files
 # ---------------------------------------------------------------------------------------------
-
-
-def _shard_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if _SHARD_PATTERN.fullmatch(p.name))
-
-
-def _read_jsonl_records(path: Path, repair: bool) -> list[dict[str, Any]]:
-    """Read a predictions file.
-
-    A killed writer can leave only a prefix of its last record, without the newline. That torn
-    tail (or a last line that does not parse) is ignored, and cut off the file if ``repair``
-    (only a file's owner should repair). A bad record anywhere else is an error.
-    """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records: list[dict[str, Any]] = []
-    position = 0
-    number = 0
-    while position < len(data):
-        number += 1
-        end = data.find(b"\n", position)
-        if end == -1:
-            break  # torn: the last record never got its newline
-        try:
-            record = json.loads(data[position:end])
-            if not isinstance(record, dict) or "id" not in record:
-                raise ValueError("not a prediction record")
-        except ValueError as exc:  # JSONDecodeError is a ValueError
-            if end == len(data) - 1:
-                break  # a garbled last line: treat it as torn too
-            raise PrumergeError(
-                f"{path} line {number}: corrupt prediction record ({exc}); "
-                "delete the file or run with overwrite=True"
-            ) from None
-        records.append(record)
-        position = end + 1
-    if repair and position < len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(position)
-    return records
-
-
-def read_predictions(directory: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """All prediction records in a configuration directory, merged and shard files alike.
-
-    Args:
-        directory: ``out_dir/<config name>``.
-        repair: Cut torn last lines off the files (only the process that owns them should).
-
-    Returns:
-        Records, each id once (the first occurrence wins), merged file first, then shards.
-    """
-    directory = Path(directory)
-    seen: set[str] = set()
-    out = []
-    for path in [directory / PREDICTIONS, *_shard_files(directory)]:
-        for record in _read_jsonl_records(path, repair=repair):
-            if record["id"] not in seen:
-                seen.add(record["id"])
-                out.append(record)
-    return out
 
 
 def _record(sample: Sample, prediction: Prediction, seconds: float) -> dict[str, Any]:
@@ -415,8 +368,8 @@ def run_config(
         The configuration directory.
 
     Raises:
-        PrumergeError: The directory holds another configuration's results, a prediction file
-            is corrupt beyond its last line, or the predictor's output is malformed.
+        PrumergeError: Another run holds ``out_dir``, the directory holds another
+            configuration's results, or the predictor's output is malformed.
     """
     if batch_size < 1:
         raise PrumergeError(f"batch_size must be at least 1, got {batch_size}")
@@ -424,17 +377,48 @@ def run_config(
     directory = Path(out_dir) / config.name
     identity = _identity(benchmark, config)
 
+    lock = ResultsLock(out_dir) if rank == 0 else None
     error = None
-    if rank == 0:
+    if lock is not None:
         try:
-            _prepare_directory(
-                directory, identity, config, overwrite, benchmark.options.get("root")
-            )
+            lock.acquire()
         except PrumergeError as exc:
-            error = str(exc)
-    error = _broadcast_error(dist, error)
-    if error is not None:
-        raise PrumergeError(error)
+            lock, error = None, str(exc)
+    try:
+        if rank == 0 and error is None:
+            try:
+                _prepare_directory(
+                    directory, identity, config, overwrite, benchmark.options.get("root")
+                )
+            except PrumergeError as exc:
+                error = str(exc)
+        error = _broadcast_error(dist, error)
+        if error is not None:
+            raise PrumergeError(error)
+        _run_locked(benchmark, predictor, directory, dist, rank, world, batch_size, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+    return directory
+
+
+def share_error(error: str | None) -> str | None:
+    """Rank 0's error (or None) on every rank of an initialised process group; else ``error``."""
+    dist, _, _ = _distributed()
+    return _broadcast_error(dist, error)
+
+
+def _run_locked(
+    benchmark: Benchmark,
+    predictor: Predictor,
+    directory: Path,
+    dist: Any,
+    rank: int,
+    world: int,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    config_name = directory.name
 
     # Which samples are done: every rank reads every file (without repairing others' files),
     # so a run resumed with another world size, or after an unmerged parallel run, neither
@@ -458,7 +442,7 @@ def run_config(
         bar = tqdm(
             total=len(mine),
             initial=len(mine) - len(todo),
-            desc=f"{benchmark.name}/{config.name}",
+            desc=f"{benchmark.name}/{config_name}",
             unit="sample",
             dynamic_ncols=True,
         )
@@ -490,257 +474,6 @@ def run_config(
     elif _shard_files(directory):
         # Shards left by an interrupted parallel run: fold them in now.
         _merge(directory, [sample.id for sample in benchmark.samples])
-    return directory
-
-
-# ---------------------------------------------------------------------------------------------
-# Summaries
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConfigResult:
-    """Scores and costs of one configuration.
-
-    Attributes:
-        name: Configuration (directory) name.
-        method: Reduction method.
-        budget: Its budget, or None.
-        model_id: Model.
-        benchmark: Benchmark name.
-        metric: Metric name.
-        score: Headline score (see the metric's description), or None without references.
-        relative: ``score`` as a percentage of the ``none`` configuration's, or None.
-        scores: All metric outputs (per subtask, per split, ...).
-        tokens_in: Mean visual tokens before reduction.
-        tokens_out: Mean visual tokens the language model received.
-        n: Records scored.
-        n_expected: Samples in the benchmark.
-        predict_seconds: Total time spent in ``predict`` over all runs and ranks.
-    """
-
-    name: str
-    method: str
-    budget: int | float | None
-    model_id: str
-    benchmark: str
-    metric: str
-    score: float | None
-    relative: float | None
-    scores: dict[str, float]
-    tokens_in: float
-    tokens_out: float
-    n: int
-    n_expected: int
-    predict_seconds: float
-
-    @property
-    def complete(self) -> bool:
-        return self.n == self.n_expected
-
-
-@dataclass
-class Summary:
-    """Results of all configurations in one output directory."""
-
-    benchmark: str
-    metric: str
-    results: list[ConfigResult]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict, configurations keyed by name."""
-        return {
-            "benchmark": self.benchmark,
-            "metric": self.metric,
-            "metric_description": METRIC_DESCRIPTIONS.get(self.metric, self.metric),
-            "configs": {r.name: asdict(r) | {"complete": r.complete} for r in self.results},
-        }
-
-    def table(self) -> str:
-        """A plain-text table, one row per configuration, in the summary's order."""
-        details = _detail_keys(self.results)
-        header = ["config", "method", "budget", "score", "vs none", "tok in", "tok out", "n"]
-        header += details + ["time s", "s/sample"]
-        rows = [header]
-        for r in self.results:
-            per_sample = r.predict_seconds / r.n if r.n else float("nan")
-            rows.append(
-                [
-                    r.name,
-                    r.method,
-                    "-" if r.budget is None else f"{r.budget:g}",
-                    _fmt(r.score),
-                    "-" if r.relative is None else f"{r.relative:.1f}%",
-                    f"{r.tokens_in:.1f}",
-                    f"{r.tokens_out:.1f}",
-                    f"{r.n}" if r.complete else f"{r.n}/{r.n_expected}",
-                ]
-                + [_fmt(r.scores.get(key)) for key in details]
-                + [f"{r.predict_seconds:.1f}", f"{per_sample:.3f}"]
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
-            for row in rows
-        ]
-        description = METRIC_DESCRIPTIONS.get(self.metric, self.metric)
-        lines.insert(0, f"{self.benchmark}: score = {description}")
-        return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return (
-        "-"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (f"{value:.2f}")
-    )
-
-
-def _detail_keys(results: Sequence[ConfigResult]) -> list[str]:
-    keys: dict[str, None] = {}
-    for r in results:
-        for key in r.scores:
-            if key.endswith(("/score", "/f1")) or key in ("perception", "cognition"):
-                keys[key] = None
-    return sorted(keys)
-
-
-def _result_for(directory: Path) -> ConfigResult | None:
-    config_path = directory / CONFIG
-    if not config_path.exists():
-        return None
-    payload = json.loads(config_path.read_text(encoding="utf-8"))
-    identity = payload["identity"]
-    records = read_predictions(directory)
-    scores = score_records(identity["metric"], records)
-    n = len(records)
-    return ConfigResult(
-        name=payload["name"],
-        method=identity["method"],
-        budget=identity["budget"],
-        model_id=identity["model_id"],
-        benchmark=identity["benchmark"],
-        metric=identity["metric"],
-        score=scores.get("score"),
-        relative=None,
-        scores=scores,
-        tokens_in=sum(r["tokens_in"] for r in records) / n if n else float("nan"),
-        tokens_out=sum(r["tokens_out"] for r in records) / n if n else float("nan"),
-        n=n,
-        n_expected=identity["n_samples"],
-        predict_seconds=sum(float(r.get("time_s", 0.0)) for r in records),
-    )
-
-
-def summarize(
-    out_dir: str | Path,
-    names: Sequence[str] | None = None,
-    *,
-    write: bool = True,
-    plot: bool = True,
-) -> Summary:
-    """Score every configuration in ``out_dir`` and write the summary files.
-
-    Args:
-        out_dir: Results directory of one benchmark.
-        names: Configurations to include, in this order; default: all, sorted by method, then
-            by decreasing mean tokens.
-        write: Write ``summary.txt``, ``summary.json`` and (with ``plot``)
-            ``accuracy_vs_tokens.png``.
-        plot: Draw the plot when writing.
-
-    Returns:
-        The summary.
-
-    Raises:
-        PrumergeError: No configuration found, or configurations of different benchmarks.
-    """
-    out = Path(out_dir)
-    directories = (
-        [out / name for name in names]
-        if names is not None
-        else sorted(p for p in out.iterdir() if (p / CONFIG).exists())
-        if out.is_dir()
-        else []
-    )
-    results = [r for r in (_result_for(d) for d in directories) if r is not None]
-    if not results:
-        raise PrumergeError(f"no evaluation results in {out}")
-    benchmarks = {(r.benchmark, r.metric) for r in results}
-    if len(benchmarks) > 1:
-        raise PrumergeError(f"{out} mixes results of several benchmarks: {sorted(benchmarks)}")
-    if names is None:
-        results.sort(key=lambda r: (r.method != "none", r.method, -_finite(r.tokens_out)))
-    baseline = next((r for r in results if r.method == "none" and r.score is not None), None)
-    if baseline is not None and baseline.score:
-        for r in results:
-            if r.score is not None:
-                r.relative = 100.0 * r.score / baseline.score
-    benchmark, metric = benchmarks.pop()
-    summary = Summary(benchmark=benchmark, metric=metric, results=results)
-    if write:
-        (out / "summary.txt").write_text(summary.table() + "\n", encoding="utf-8")
-        (out / "summary.json").write_text(
-            json.dumps(summary.to_dict(), indent=2, default=str) + "\n", encoding="utf-8"
-        )
-        if plot:
-            plot_summary(summary, out / "accuracy_vs_tokens.png")
-    return summary
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -1.0
-
-
-def plot_summary(summary: Summary, path: str | Path) -> Path:
-    """Plot the headline score against mean visual tokens, one line per method.
-
-    Uses matplotlib's object-oriented API with the Agg canvas, so no global backend is set.
-
-    Args:
-        summary: The summary to plot.
-        path: PNG file to write.
-
-    Returns:
-        The path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.4), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    by_method: dict[str, list[ConfigResult]] = {}
-    for r in summary.results:
-        if r.score is not None and math.isfinite(r.tokens_out):
-            by_method.setdefault(r.method, []).append(r)
-    for method, results in sorted(by_method.items()):
-        results = sorted(results, key=lambda r: r.tokens_out)
-        xs = [r.tokens_out for r in results]
-        ys = [float(r.score or 0.0) for r in results]  # None was filtered out above
-        if method == "none":
-            axes.axhline(ys[0], color="0.4", linestyle="--", linewidth=1, label="none (full)")
-            axes.plot(xs, ys, "k*", markersize=10)
-            continue
-        axes.plot(xs, ys, "o-", label=method)
-        for r in results:
-            axes.annotate(
-                r.name,
-                (r.tokens_out, r.score),
-                fontsize=7,
-                alpha=0.7,
-                textcoords="offset points",
-                xytext=(3, 3),
-            )
-    axes.set_xlabel("mean visual tokens given to the language model")
-    axes.set_ylabel(METRIC_DESCRIPTIONS.get(summary.metric, summary.metric))
-    axes.set_title(summary.benchmark)
-    axes.grid(True, alpha=0.3)
-    if by_method:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
 
 
 def evaluate(
@@ -771,6 +504,36 @@ def evaluate(
     names = [config.name for config, _ in configs]
     if len(set(names)) != len(names):
         raise PrumergeError(f"configuration names must be unique, got {names}")
+    dist, rank, _ = _distributed()
+    lock = ResultsLock(out_dir) if rank == 0 else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except PrumergeError as exc:
+            lock, error = None, str(exc)
+    error = _broadcast_error(dist, error)
+    if error is not None:
+        raise PrumergeError(error)
+    try:
+        return _evaluate_locked(
+            benchmark, configs, names, out_dir, batch_size, overwrite, progress, rank
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_locked(
+    benchmark: Benchmark,
+    configs: Sequence[tuple[EvalConfig, Predictor | Callable[[], Predictor]]],
+    names: list[str],
+    out_dir: str | Path,
+    batch_size: int,
+    overwrite: bool,
+    progress: bool,
+    rank: int,
+) -> Summary | None:
     for config, predictor in configs:
         owned = not isinstance(predictor, Predictor)
         built = predictor() if owned else predictor  # type: ignore[operator]
@@ -791,8 +554,6 @@ def evaluate(
             if owned and callable(close):
                 close()
         del built
-    dist, rank, _ = _distributed()
     if rank != 0:
         return None
-    summary = summarize(out_dir, names)
-    return summary
+    return summarize(out_dir, names, benchmark=benchmark)

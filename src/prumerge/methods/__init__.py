@@ -1,8 +1,10 @@
 """Registry of visual-token reduction methods, by name.
 
-A method turns the vision encoder's selected-layer patch features (plus, if it asks for
-them, the [CLS] attention and the keys of the layer that consumes those features) into a
-``Reduction``. Adapters know models; methods know only tensors.
+A vision-side method (``VisionMethod``) turns one view's patch tokens (plus, if it asks for
+them, the importance signal and the keys of an encoder layer) into a ``Reduction``. An
+LLM-side method (``LanguageMethod``, FastV) leaves the vision side alone and prunes inside the
+language model, through a patch the adapters register for it. Adapters know models; methods
+know only tensors.
 
 Add a method with::
 
@@ -20,7 +22,10 @@ Every registered method is picked up by the registry-parametrised tests.
 from prumerge.methods import builtin as _builtin  # noqa: F401  (registers the built-ins)
 from prumerge.methods import zoo as _zoo  # noqa: F401  (registers the peer methods)
 from prumerge.methods.base import (
+    IMPORTANCE_CHOICES,
     METHODS,
+    LanguageMethod,
+    Method,
     VisionInputs,
     VisionMethod,
     build_method,
@@ -30,7 +35,10 @@ from prumerge.methods.base import (
 )
 
 __all__ = [
+    "IMPORTANCE_CHOICES",
     "METHODS",
+    "LanguageMethod",
+    "Method",
     "VisionInputs",
     "VisionMethod",
     "build_method",

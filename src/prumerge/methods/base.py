@@ -1,52 +1,64 @@
-"""The method interface and its registry."""
+"""The method interfaces, their registry, and the one place where method options are checked."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from prumerge.ops import Reduction
+from prumerge.ops import Reduction, full_reduction
 from prumerge.ops.select import validate_keep
+
+#: Where a method's importance signal comes from: "cls", the [CLS] query's attention over
+#: the patches; "mean", the mean attention each patch receives from all queries (towers
+#: without [CLS]); "auto", "cls" when the tower has a [CLS] token, else "mean".
+IMPORTANCE_CHOICES = ("auto", "cls", "mean")
 
 
 @dataclass
 class VisionInputs:
-    """What an adapter hands a method for one batch of images.
+    """What an adapter hands a vision-side method for one batch of views.
 
     Attributes:
-        features: (B, N, C) patch features of the selected vision layer, before the projector.
-        keys: (B, N, Ck) patch keys of the encoder layer that consumes the selected layer,
-            or None when the method does not need attention.
-        cls_attn: (B, N) [CLS] attention over the patches in that layer (multi-head mean, or
-            the reference variant if the method asked for it), or None.
+        features: (B, N, C) patch tokens of one view per row: the selected vision layer's
+            features (before the projector) on LLaVA-family models, the PatchMerger's output
+            on Qwen2-VL/2.5-VL.
+        keys: (B, N, Ck) keys of the attention layer the importance comes from (pooled over
+            each PatchMerger group on Qwen), or None when the method does not need them.
+        cls_attn: (B, N) the importance of every patch: the [CLS] attention (multi-head mean,
+            or the reference variant if the method asked for it) or, with
+            ``importance="mean"``, the mean attention each patch receives; None when the
+            method does not need it.
         grid: (rows, cols) of the patch grid.
+        budget: an exact output count for every row, set by adapters that split one
+            per-image budget over several views (LLaVA-NeXT, LLaVA-OneVision); it overrides
+            the method's own ``keep``. None: the method's ``keep`` applies.
     """
 
     features: torch.Tensor
     keys: torch.Tensor | None = None
     cls_attn: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
+    budget: int | None = None
+
+    @property
+    def importance(self) -> torch.Tensor | None:
+        """The importance signal (an alias of ``cls_attn``, which it is on [CLS] towers)."""
+        return self.cls_attn
 
 
-class VisionMethod:
-    """Base class of vision-side reduction methods (before the projector)."""
+class Method:
+    """Base class of every registered method; see ``VisionMethod`` and ``LanguageMethod``."""
 
     name: ClassVar[str] = ""
+    #: "vision": reduces the vision tower's tokens before the LLM; "llm": prunes inside it.
+    side: ClassVar[str] = "vision"
     #: The adapter captures q/k of the attention layer only for methods that need them.
     needs_attention: ClassVar[bool] = False
-    #: "multihead" or "reference": how the adapter computes ``cls_attn``.
-    attention_mode: str = "multihead"
-    #: Which encoder layer's [CLS] attention and keys: "consumer", the layer whose input is
-    #: the selected feature layer (PruMerge), or "producer", the layer that outputs it
-    #: (VisionZip).
-    attention_source: ClassVar[str] = "consumer"
-
-    def reduce(self, inputs: VisionInputs) -> Reduction:
-        raise NotImplementedError
 
     def describe_budget(self) -> str:
         """What this method's token count means, for statistics and docs."""
@@ -56,8 +68,56 @@ class VisionMethod:
         """The options this instance was built with (for result files)."""
         return {name: getattr(self, name) for name in option_defaults(type(self))}
 
+    def reduce(self, inputs: VisionInputs) -> Reduction:
+        raise NotImplementedError
 
-def option_defaults(cls: type[VisionMethod]) -> dict[str, Any]:
+
+class VisionMethod(Method):
+    """A method that reduces each image's patch tokens before they reach the LLM."""
+
+    #: "multihead" or "reference": how the adapter computes [CLS] attention.
+    attention_mode: str = "multihead"
+    #: Which encoder layer's attention and keys: "consumer", the layer whose input is the
+    #: selected feature layer (PruMerge), or "producer", the layer that outputs it (VisionZip).
+    attention_source: ClassVar[str] = "consumer"
+    #: "auto", "cls" or "mean" (see ``IMPORTANCE_CHOICES``).
+    importance: str = "auto"
+    #: The adapter runs the vision tower on resized images (``target_grid``) instead of
+    #: reducing its output (the ``downsample`` baseline).
+    resizes_input: ClassVar[bool] = False
+
+    def budget_for(self, inputs: VisionInputs) -> Any:
+        """The budget for these inputs: the adapter's exact count if it set one, else ``keep``."""
+        return inputs.budget if inputs.budget is not None else getattr(self, "keep", None)
+
+    def target_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """For ``resizes_input`` methods: the patch grid to run the tower at."""
+        raise NotImplementedError
+
+
+class LanguageMethod(Method):
+    """A method that prunes image tokens inside the language model (FastV).
+
+    Its vision side is the identity (``reduce`` returns every token unchanged); an adapter
+    wraps the family's decoder layers with the patch registered for the method's name in
+    ``prumerge.adapters.llm``, so it works on every family whose decoder it can wrap.
+
+    Attributes:
+        keep: image tokens each image keeps from LLM layer ``layer`` on.
+        layer: K, the first decoder layer that sees the pruned sequence.
+    """
+
+    side = "llm"
+    #: Kept for code that asks ``getattr(method, "inside_llm", False)``.
+    inside_llm: ClassVar[bool] = True
+    keep: int | float
+    layer: int
+
+    def reduce(self, inputs: VisionInputs) -> Reduction:
+        return full_reduction(inputs.features)
+
+
+def option_defaults(cls: type[Method]) -> dict[str, Any]:
     """The options a method's constructor takes, with their defaults (None if required)."""
     if cls.__init__ is object.__init__:
         return {}
@@ -69,8 +129,8 @@ def option_defaults(cls: type[VisionMethod]) -> dict[str, Any]:
     }
 
 
-METHODS: dict[str, type[VisionMethod]] = {}
-T = TypeVar("T", bound=type[VisionMethod])
+METHODS: dict[str, type[Method]] = {}
+T = TypeVar("T", bound=type[Method])
 
 
 def register_method(name: str) -> Callable[[T], T]:
@@ -90,8 +150,9 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def build_method(name: str, **options: Any) -> VisionMethod:
-    """Instantiate a registered method, with a clear error for unknown names or options."""
+def build_method(name: str, **options: Any) -> Method:
+    """Instantiate a registered method; unknown names, unknown options and bad values raise
+    ValueError with a one-line message (the constructors check their own values)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
     cls = METHODS[name]
@@ -102,5 +163,51 @@ def build_method(name: str, **options: Any) -> VisionMethod:
             f"method {name!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'no options'}"
         )
-    validate_keep(options.get("keep"))
     return cls(**options)
+
+
+# -- option checks, shared by every constructor --------------------------------------------
+
+
+def check_keep(keep: Any, *, adaptive: bool = False) -> Any:
+    """``keep`` unchanged if it is an int >= 1, a float ratio in (0, 1], or None when the
+    method has an adaptive mode; else ValueError."""
+    if keep is None and not adaptive:
+        raise ValueError(
+            "keep must be an int count or a float ratio; this method has no adaptive mode"
+        )
+    validate_keep(keep)
+    return keep
+
+
+def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is an int in [minimum, maximum]; else ValueError (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int; got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be >= {minimum}{upper}; got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, *, minimum: float, maximum: float | None = None) -> float:
+    """``value`` if it is a finite number in [minimum, maximum]; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be >= {minimum}{upper}; got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false; got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value

@@ -1,10 +1,19 @@
-"""The built-in methods: none, prumerge, prumerge+."""
+"""The built-in methods: none, prumerge, prumerge+, and fastv (LLM-side)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from prumerge.methods.base import VisionInputs, VisionMethod, register_method
+from prumerge.methods.base import (
+    IMPORTANCE_CHOICES,
+    LanguageMethod,
+    VisionInputs,
+    VisionMethod,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_keep,
+    register_method,
+)
 from prumerge.ops import Reduction, full_reduction, prumerge
 
 
@@ -23,10 +32,11 @@ class NoReduction(VisionMethod):
 class PruMerge(VisionMethod):
     """LLaVA-PruMerge (Shang et al., ICCV 2025, arXiv 2403.15388).
 
-    Keeps the patches whose [CLS] attention is an IQR outlier (adaptive, per image) or a
-    fixed budget, and merges the pruned patches into them by key similarity. Options are
-    those of ``prumerge.ops.prumerge``; ``attention="reference"`` uses the released code's
-    single-head attention.
+    Keeps the patches whose importance ([CLS] attention, or the mean attention received with
+    ``importance="mean"``) is an IQR outlier (adaptive, per image) or a fixed budget, and
+    merges the pruned patches into them by key similarity. Options are those of
+    ``prumerge.ops.prumerge``; ``attention="reference"`` uses the released code's single-head
+    [CLS] attention.
     """
 
     needs_attention = True
@@ -43,27 +53,36 @@ class PruMerge(VisionMethod):
         uniform_factor: float = 3.0,
         order: str = "raster",
         attention: str = "multihead",
+        importance: str = "auto",
     ) -> None:
-        if attention not in ("multihead", "reference"):
-            raise ValueError(f"attention must be 'multihead' or 'reference'; got {attention!r}")
-        self.keep = keep
-        self.knn = knn
-        self.merge = merge
-        self.supplement = supplement
-        self.whisker = whisker
-        self.min_keep = min_keep
-        self.uniform_factor = uniform_factor
-        self.order = order
-        self.attention = attention
+        self.keep = check_keep(keep, adaptive=True)
+        self.knn = check_int("knn", knn, minimum=0)
+        # A command line's "merge=none" may arrive as None: it means the mode "none".
+        self.merge = check_choice(
+            "merge", "none" if merge is None else merge, ("sum", "mean", "none")
+        )
+        self.supplement = check_bool("supplement", supplement)
+        self.whisker = check_float("whisker", whisker, minimum=0.0)
+        self.min_keep = check_int("min_keep", min_keep, minimum=1)
+        self.uniform_factor = check_float("uniform_factor", uniform_factor, minimum=0.0)
+        self.order = check_choice("order", order, ("raster", "attention"))
+        self.attention = check_choice("attention", attention, ("multihead", "reference"))
         self.attention_mode = attention
+        self.importance = check_choice("importance", importance, IMPORTANCE_CHOICES)
+        if attention == "reference" and importance == "mean":
+            raise ValueError(
+                "attention='reference' is the released code's [CLS] attention; it cannot be "
+                "combined with importance='mean'"
+            )
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
-        assert inputs.keys is not None and inputs.cls_attn is not None
+        if inputs.keys is None or inputs.cls_attn is None:
+            raise ValueError(f"method {self.name!r} needs the patch keys and importance")
         return prumerge(
             inputs.features,
             inputs.keys,
             inputs.cls_attn,
-            keep=self.keep,
+            keep=self.budget_for(inputs),
             knn=self.knn,
             plus=self.plus,
             grid=inputs.grid,
@@ -77,7 +96,7 @@ class PruMerge(VisionMethod):
 
     def describe_budget(self) -> str:
         if self.keep is None:
-            return "adaptive: IQR outliers of [CLS] attention, plus one supplement token"
+            return "adaptive: IQR outliers of the importance, plus one supplement token"
         return "output tokens, the supplement token included"
 
 
@@ -87,9 +106,20 @@ class PruMergePlus(PruMerge):
 
     plus = True
 
+    def describe_budget(self) -> str:
+        if self.keep is None:
+            return (
+                f"adaptive: IQR outliers of the importance, plus about {self.uniform_factor:g} "
+                f"spatially uniform samples per outlier, plus one supplement token"
+            )
+        return (
+            f"output tokens: importance picks and spatial samples split 1 : "
+            f"{self.uniform_factor:g}, the supplement token included"
+        )
+
 
 @register_method("fastv")
-class FastV(VisionMethod):
+class FastV(LanguageMethod):
     """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024).
 
     Prunes image tokens inside the LLM: layers 0..K-1 see all N tokens of every image, and
@@ -97,15 +127,9 @@ class FastV(VisionMethod):
     from the prompt's last token in layer K-1. The vision side is unchanged.
     """
 
-    #: The adapter prunes inside the language model instead of before the projector.
-    inside_llm: ClassVar[bool] = True
-
     def __init__(self, keep: int | float = 0.5, layer: int = 2) -> None:
-        self.keep = keep
-        self.layer = layer
-
-    def reduce(self, inputs: VisionInputs) -> Reduction:
-        return full_reduction(inputs.features)
+        self.keep = check_keep(keep)
+        self.layer = check_int("layer", layer, minimum=1)
 
     def describe_budget(self) -> str:
         return (

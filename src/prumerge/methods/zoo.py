@@ -1,4 +1,5 @@
-"""The peers users compare PruMerge against: random, pool, cls_topk, visionzip, tome, divprune.
+"""The peers users compare PruMerge against: random, pool, downsample, cls_topk, visionzip,
+tome, divprune.
 
 Every method here takes ``keep``, the number of output tokens the LLM sees per image (an int
 count, or a float ratio of the N patches), and returns all N tokens unchanged when keep >= N.
@@ -6,24 +7,28 @@ count, or a float ratio of the N patches), and returns all N tokens unchanged wh
 
 from __future__ import annotations
 
-from prumerge.methods.base import VisionInputs, VisionMethod, register_method
+from prumerge.methods.base import (
+    IMPORTANCE_CHOICES,
+    VisionInputs,
+    VisionMethod,
+    check_choice,
+    check_int,
+    check_keep,
+    register_method,
+)
 from prumerge.ops import (
     Reduction,
     budget_count,
     cls_topk,
     divprune,
+    full_reduction,
+    pooled_grid,
     random_sample,
     spatial_pool,
     tome,
     visionzip,
 )
 from prumerge.ops.visionzip import PAPER_CONTEXTUAL_FRACTION, contextual_count
-
-
-def _checked_keep(keep: int | float) -> int | float:
-    """``keep`` after the checks of ``budget_count`` (fail at build time, not at reduce time)."""
-    budget_count(keep, 1)
-    return keep
 
 
 def _require(inputs: VisionInputs, method: str, *, keys: bool = False, attn: bool = False) -> None:
@@ -45,13 +50,11 @@ class RandomSample(VisionMethod):
     """
 
     def __init__(self, keep: int | float = 64, seed: int = 0) -> None:
-        self.keep = _checked_keep(keep)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ValueError(f"seed must be an int in [0, 2^32); got {seed!r}")
-        self.seed = seed
+        self.keep = check_keep(keep)
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
-        return random_sample(inputs.features, keep=self.keep, seed=self.seed)
+        return random_sample(inputs.features, keep=self.budget_for(inputs), seed=self.seed)
 
     def describe_budget(self) -> str:
         return "output tokens: uniformly random patches, unchanged"
@@ -67,10 +70,10 @@ class SpatialPool(VisionMethod):
     """
 
     def __init__(self, keep: int | float = 64) -> None:
-        self.keep = _checked_keep(keep)
+        self.keep = check_keep(keep)
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
-        return spatial_pool(inputs.features, keep=self.keep, grid=inputs.grid)
+        return spatial_pool(inputs.features, keep=self.budget_for(inputs), grid=inputs.grid)
 
     def describe_budget(self) -> str:
         return "at most `keep` output tokens: the cells of the largest pooled grid that fits"
@@ -86,16 +89,19 @@ class ClsTopK(VisionMethod):
 
     needs_attention = True
 
-    def __init__(self, keep: int | float = 64) -> None:
-        self.keep = _checked_keep(keep)
+    def __init__(self, keep: int | float = 64, importance: str = "auto") -> None:
+        self.keep = check_keep(keep)
+        self.importance = check_choice("importance", importance, IMPORTANCE_CHOICES)
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         _require(inputs, self.name, attn=True)
         assert inputs.cls_attn is not None
-        return cls_topk(inputs.features, inputs.cls_attn, keys=inputs.keys, keep=self.keep)
+        return cls_topk(
+            inputs.features, inputs.cls_attn, keys=inputs.keys, keep=self.budget_for(inputs)
+        )
 
     def describe_budget(self) -> str:
-        return "output tokens: the patches with the highest [CLS] attention, unchanged"
+        return "output tokens: the patches with the highest importance, unchanged"
 
 
 @register_method("visionzip")
@@ -115,11 +121,15 @@ class VisionZip(VisionMethod):
     attention_source = "producer"
 
     def __init__(
-        self, keep: int | float = 64, contextual: int | float = PAPER_CONTEXTUAL_FRACTION
+        self,
+        keep: int | float = 64,
+        contextual: int | float = PAPER_CONTEXTUAL_FRACTION,
+        importance: str = "auto",
     ) -> None:
-        self.keep = _checked_keep(keep)
+        self.keep = check_keep(keep)
         contextual_count(contextual, 1)  # validates
         self.contextual = contextual
+        self.importance = check_choice("importance", importance, IMPORTANCE_CHOICES)
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         _require(inputs, self.name, keys=True, attn=True)
@@ -128,12 +138,12 @@ class VisionZip(VisionMethod):
             inputs.features,
             inputs.keys,
             inputs.cls_attn,
-            keep=self.keep,
+            keep=self.budget_for(inputs),
             contextual=self.contextual,
         )
 
     def describe_budget(self) -> str:
-        return "output tokens: dominant patches plus contextual (merged) tokens"
+        return "output tokens: dominant patches (by importance) plus contextual (merged) tokens"
 
 
 @register_method("tome")
@@ -148,15 +158,13 @@ class ToMe(VisionMethod):
     needs_attention = True  # for the keys
 
     def __init__(self, keep: int | float = 64, r: int | None = None) -> None:
-        self.keep = _checked_keep(keep)
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise ValueError(f"r must be None or an int >= 1; got {r!r}")
-        self.r = r
+        self.keep = check_keep(keep)
+        self.r = None if r is None else check_int("r", r, minimum=1)
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         _require(inputs, self.name, keys=True)
         assert inputs.keys is not None
-        return tome(inputs.features, inputs.keys, keep=self.keep, r=self.r)
+        return tome(inputs.features, inputs.keys, keep=self.budget_for(inputs), r=self.r)
 
     def describe_budget(self) -> str:
         return "output tokens: size-weighted means of merged groups of patches"
@@ -173,10 +181,42 @@ class DivPrune(VisionMethod):
     """
 
     def __init__(self, keep: int | float = 64) -> None:
-        self.keep = _checked_keep(keep)
+        self.keep = check_keep(keep)
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
-        return divprune(inputs.features, keep=self.keep)
+        return divprune(inputs.features, keep=self.budget_for(inputs))
 
     def describe_budget(self) -> str:
         return "output tokens: a max-min diverse subset of the patches, unchanged"
+
+
+@register_method("downsample")
+class Downsample(VisionMethod):
+    """Plain image downsampling: the vision tower runs on the image resized so that its patch
+    grid has at most ``keep`` cells, and every one of its tokens goes to the LLM.
+
+    Benchmark studies find this baseline matching or beating many published reduction
+    methods, so it sits beside ``random`` and ``pool``. The grid is ``pool``'s (the largest
+    grid within the budget with nearly the tower's aspect ratio: 12x12 for 144 of 24x24), and
+    the image is resized with antialiased bilinear interpolation; towers with fixed position
+    embeddings interpolate them (``interpolate_pos_encoding``). Qwen2-VL/2.5-VL's grid is in
+    merged tokens, and the image's 3-D rope indices are those of the smaller image.
+    """
+
+    resizes_input = True
+
+    def __init__(self, keep: int | float = 64) -> None:
+        self.keep = check_keep(keep)
+
+    def target_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        budget = budget_count(self.keep, rows * cols)
+        if budget >= rows * cols:
+            return rows, cols
+        return pooled_grid(rows, cols, budget)
+
+    def reduce(self, inputs: VisionInputs) -> Reduction:
+        # The tower already ran on the resized image: every token it made is kept.
+        return full_reduction(inputs.features)
+
+    def describe_budget(self) -> str:
+        return "at most `keep` tokens: the patch grid of the resized image"

@@ -4,13 +4,16 @@ A cache entry is a directory holding `manifest.json` (written last) plus the fil
 their sizes and SHA-256 digests. Builders write into a temporary sibling directory and publish it
 with one `os.replace`, under a `filelock.FileLock`, so concurrent processes either see a complete
 entry or none. An entry whose manifest is missing or whose files disagree with it is treated as
-corrupt, moved aside and rebuilt.
+corrupt, moved aside and rebuilt, with a warning. Temporary folders of builds that were killed
+are swept away by the next build of the same entry (it holds the entry's lock, so no live
+build owns them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,8 +21,16 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from prumerge.errors import PrumergeError
+
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 22
+
+logger = logging.getLogger(__name__)
+
+
+class CacheError(PrumergeError):
+    """The cache directory cannot be used (missing and not creatable, not a folder, read-only)."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -38,6 +49,56 @@ def default_cache_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "prumerge"
     return Path.home() / ".cache" / "prumerge"
+
+
+def describe_cache_root(cache_dir: str | Path | None = None) -> str:
+    """Which setting chose the cache root, for error messages."""
+    if cache_dir is not None:
+        return f"set by --cache-dir {cache_dir}"
+    if os.environ.get("PRUMERGE_CACHE"):
+        return f"set by PRUMERGE_CACHE={os.environ['PRUMERGE_CACHE']}"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return f"set by XDG_CACHE_HOME={os.environ['XDG_CACHE_HOME']}; PRUMERGE_CACHE overrides it"
+    return "the default, ~/.cache/prumerge; set PRUMERGE_CACHE or --cache-dir to move it"
+
+
+def check_cache_root(root: Path) -> None:
+    """Make sure ``root`` is, or can become, a folder this process can write in.
+
+    Raises:
+        CacheError: naming the folder and what is wrong with it.
+    """
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"the model cache {root} is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create the model cache {root}: {exc.strerror or exc}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise CacheError(f"the model cache {root} is not writable")
+
+
+def sweep_stale_builds(directory: Path) -> list[Path]:
+    """Delete the temporary and trash folders that killed builds of ``directory`` left.
+
+    Call only while holding the entry's lock: no live build of it exists then.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    for prefix in (f".tmp-{directory.name}-", f".trash-{directory.name}-"):
+        for path in directory.parent.glob(prefix + "*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    if removed:
+        logger.info(
+            "removed %d unfinished build folder(s) of %s left by an interrupted build",
+            len(removed),
+            directory.name,
+        )
+    return removed
 
 
 def write_manifest(directory: Path, extra: dict | None = None) -> dict:
@@ -127,11 +188,20 @@ def ensure_entry(
 
     if not rebuild and verify_entry(directory, check_hashes) is None:
         return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory.with_name(directory.name + ".lock")), timeout=lock_timeout):
+    check_cache_root(directory.parent)
+    lock = FileLock(str(directory.with_name(directory.name + ".lock")), timeout=lock_timeout)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise CacheError(f"cannot lock the model cache {directory.parent}: {exc}") from None
+    try:
         # Another process may have finished the build while we waited for the lock.
-        if not rebuild and verify_entry(directory, check_hashes) is None:
+        reason = None if rebuild else verify_entry(directory, check_hashes)
+        if reason is None and not rebuild:
             return directory
+        sweep_stale_builds(directory)
+        if directory.exists() and not rebuild:
+            logger.warning("the cache entry %s is damaged (%s); rebuilding it", directory, reason)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
         try:
             info = build(tmp)
@@ -141,6 +211,8 @@ def ensure_entry(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    finally:
+        lock.release()
     reason = verify_entry(directory, check_hashes)
     if reason is not None:  # pragma: no cover - would mean the disk lied to us
         raise RuntimeError(f"cache entry {directory} is invalid right after building: {reason}")

@@ -390,9 +390,10 @@ def available_resolutions(variant: str = "default") -> list[int]:
 
 def load_default_model(
     cache_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | str = torch.float32,
     *,
+    device_map: str | dict[str, Any] | None = None,
     resolution: int | None = None,
     rebuild: bool = False,
     attn_implementation: str | None = None,
@@ -407,8 +408,9 @@ def load_default_model(
 
     Args:
         cache_dir: cache root directory.
-        device: where to put the model.
-        dtype: parameter dtype.
+        device: where to put the model (ignored with ``device_map``).
+        dtype: parameter dtype, given to ``from_pretrained`` ("auto": as stored, float32).
+        device_map: given to ``from_pretrained`` (accelerate places and hooks the modules).
         resolution: input resolution; default: the shipped projector's (224).
         rebuild: discard the cached entry and build it again.
         attn_implementation: passed to `from_pretrained` ("eager", "sdpa", ...).
@@ -445,7 +447,7 @@ def load_default_model(
     entry = root / cache_entry_name(resolution, projector_hash, lora_hash)
 
     def build(tmp: Path) -> dict:
-        logger.info("building the default model into %s", entry)
+        logger.info("building the default model into %s (about a minute, once)", entry)
         model, processor = build_default_model(
             resolution,
             projector=projector_path if projector_path.is_file() else None,
@@ -464,6 +466,10 @@ def load_default_model(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     model = LlavaForConditionalGeneration.from_pretrained(str(entry), **kwargs)
     processor = LlavaProcessor.from_pretrained(str(entry))
-    return model.to(device).eval(), processor
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), processor

@@ -1,6 +1,6 @@
 """Pure tensor operations for visual-token reduction. They import torch only."""
 
-from prumerge.ops.attention import cls_attention
+from prumerge.ops.attention import cls_attention, mean_attention
 from prumerge.ops.cls_topk import cls_topk
 from prumerge.ops.divprune import divprune
 from prumerge.ops.keep import full_reduction, kept_reduction
@@ -28,6 +28,7 @@ __all__ = [
     "infer_grid",
     "iqr_keep_count",
     "kept_reduction",
+    "mean_attention",
     "pooled_grid",
     "prumerge",
     "random_sample",

@@ -75,3 +75,71 @@ def cls_attention(
     else:
         raise ValueError(f"unknown attention mode {mode!r}; expected 'multihead' or 'reference'")
     return attn[:, num_prefix_tokens:]
+
+
+def mean_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    num_heads: int,
+    num_prefix_tokens: int = 0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean attention each patch receives: the [CLS]-free importance signal.
+
+    For towers without a [CLS] token (SigLIP, Qwen2-VL's ViT) the usual stand-in for [CLS]
+    attention is the attention a patch receives from every query of a layer, averaged over
+    the heads and the queries (HoliTom and EffiVLM-Bench port VisionZip and PruMerge+ to
+    LLaVA-OneVision and Qwen2-VL this way). Softmax runs per head over all keys, with scale
+    head_dim^-0.5, as the encoder computes it; prefix keys take part in the softmax and are
+    dropped afterwards, and every query, prefix tokens included, counts in the mean.
+
+    Heads are processed one at a time so that memory stays at one (B, T, T) map.
+
+    Args:
+        q: (B, T, C) query projections of the layer (rotary embeddings already applied, for
+            towers that rotate them).
+        k: (B, T, C) key projections of the same layer.
+        num_heads: attention heads; C must be divisible by it.
+        num_prefix_tokens: leading non-patch tokens ([CLS], registers); 0 for none.
+        valid: (B, T) bool, False at padding of ragged batches (neither key nor query);
+            None when every token is real.
+
+    Returns:
+        (B, T - num_prefix_tokens) float32 mean attention received by each token after the
+        prefix; 0 at padding.
+    """
+    if q.ndim != 3 or q.shape != k.shape:
+        raise ValueError(
+            f"q and k must both be (B, T, C); got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    batch, length, width = q.shape
+    if not 0 <= num_prefix_tokens < length:
+        raise ValueError(
+            f"num_prefix_tokens must be in [0, T-1]; got {num_prefix_tokens} for T={length}"
+        )
+    if num_heads < 1 or width % num_heads:
+        raise ValueError(f"width {width} is not divisible by num_heads={num_heads}")
+    if valid is not None and valid.shape != (batch, length):
+        raise ValueError(f"valid must be (B, T) = ({batch}, {length}); got {tuple(valid.shape)}")
+    check_finite("q", q)
+    check_finite("k", k)
+    head_dim = width // num_heads
+    queries = q.float().reshape(batch, length, num_heads, head_dim)
+    keys = k.float().reshape(batch, length, num_heads, head_dim)
+    received = torch.zeros(batch, length, dtype=torch.float32, device=q.device)
+    blocked = None if valid is None else ~valid[:, None, :]  # (B, 1, T) keys
+    for head in range(num_heads):
+        logits = queries[:, :, head] @ keys[:, :, head].transpose(1, 2) * head_dim**-0.5
+        if blocked is not None:
+            logits = logits.masked_fill(blocked, float("-inf"))
+        attn = logits.softmax(dim=-1)  # (B, T queries, T keys)
+        if valid is not None:
+            attn = attn * valid[:, :, None]  # padding queries do not count
+        received += attn.sum(dim=1)
+    queries_per_row = (
+        torch.full((batch, 1), float(length), device=q.device)
+        if valid is None
+        else valid.sum(dim=1, keepdim=True).float().clamp_min(1.0)
+    )
+    return (received / (num_heads * queries_per_row))[:, num_prefix_tokens:]

@@ -87,7 +87,7 @@ def prumerge(
         supplement: append the attention-weighted sum of the pruned patches.
         merge: ``"sum"``, ``"mean"`` or ``"none"``, see above.
         whisker: IQR fence multiplier of the adaptive rule.
-        min_keep: least number of attention-selected patches in adaptive mode.
+        min_keep: least number of attention-selected patches in adaptive mode (>= 1).
         uniform_factor: PruMerge+ spatial samples per attention-selected patch.
         order: ``"raster"`` (default) emits kept tokens in spatial order, which keeps the
             LLM's positions meaningful; ``"attention"`` in descending attention, as the
@@ -105,6 +105,9 @@ def prumerge(
         raise ValueError(f"unknown order {order!r}; expected 'raster' or 'attention'")
     if uniform_factor < 0:
         raise ValueError(f"uniform_factor must be >= 0; got {uniform_factor}")
+    if min_keep < 1:
+        # A row whose attention has no outlier would keep nothing at all.
+        raise ValueError(f"min_keep must be >= 1; got {min_keep}")
     batch, num, width = tokens.shape
     device = tokens.device
     attn = cls_attn.float()

@@ -50,6 +50,26 @@ class Reduction:
         mask.scatter_(1, self.index.clamp(min=-1) % (self.num_input + 1), True)
         return mask[:, : self.num_input]
 
+    def anchors(self) -> torch.Tensor:
+        """(B, K) int64: the input patch each output token stands at, for position ids.
+
+        A kept patch stands at itself; a merged token (index -1) at the lowest-index patch
+        assigned to it (a pooled cell's top-left patch, a VisionZip centre's first member);
+        a token no patch is assigned to (PruMerge's supplement) at the last patch, N - 1.
+        Padding is -1.
+        """
+        batch, slots = self.index.shape
+        num = self.num_input
+        first = torch.full((batch, slots), num, dtype=torch.long, device=self.index.device)
+        patches = torch.arange(num, device=self.index.device).expand(batch, num)
+        assigned = self.assignment.clamp(0, max(slots - 1, 0))
+        first = first.scatter_reduce(
+            1, assigned, torch.where(self.assignment >= 0, patches, num), reduce="amin"
+        )
+        anchor = torch.where(self.index >= 0, self.index, first)
+        anchor = torch.where(anchor >= num, torch.full_like(anchor, num - 1), anchor)
+        return torch.where(self.valid_mask, anchor, torch.full_like(anchor, -1))
+
     def unpad(self) -> list[torch.Tensor]:
         """The valid tokens of each row: a list of B tensors of shape (lengths[b], C)."""
         return [row[:n] for row, n in zip(self.tokens, self.lengths.tolist(), strict=True)]

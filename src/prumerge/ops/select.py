@@ -158,3 +158,37 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
     need = k - above.sum(dim=-1, keepdim=True)
     chosen = above | (tied & (tied.cumsum(dim=-1) <= need))
     return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
+
+
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` tokens over parts of ``sizes`` tokens, in proportion to their sizes.
+
+    Largest-remainder apportionment (Hamilton's method): every part gets the integer part of
+    its quota total * size / sum(sizes), then the leftover tokens go to the largest
+    fractional remainders (ties to the earlier part). Every part gets at least 1 and at most
+    its size, so the total is clamped to [len(sizes), sum(sizes)].
+
+    Args:
+        total: tokens to hand out.
+        sizes: tokens of every part, each >= 1.
+
+    Returns:
+        The count of every part; they sum to the clamped total.
+    """
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes must be a non-empty list of counts >= 1; got {sizes}")
+    whole = sum(sizes)
+    total = max(len(sizes), min(total, whole))
+    quotas = [total * size / whole for size in sizes]
+    counts = [min(size, max(1, math.floor(q))) for q, size in zip(quotas, sizes, strict=True)]
+    by_remainder = sorted(
+        range(len(sizes)), key=lambda i: (-(quotas[i] - math.floor(quotas[i])), i)
+    )
+    while sum(counts) < total:
+        for i in by_remainder:
+            if counts[i] < sizes[i] and sum(counts) < total:
+                counts[i] += 1
+    while sum(counts) > total:  # the floor of 1 overshot: take from the largest parts
+        i = max(range(len(sizes)), key=lambda j: (counts[j], -j))
+        counts[i] -= 1
+    return counts

@@ -49,7 +49,7 @@ def parse_mixture(text: str) -> list[Reduction]:
             method that cannot train (FastV drops tokens inside the LLM), or a repeated entry.
     """
     from prumerge.methods import build_method
-    from prumerge.runtime import parse_keep
+    from prumerge.runtime import parse_budget
 
     entries: list[Reduction] = []
     for raw in text.split(","):
@@ -66,10 +66,7 @@ def parse_mixture(text: str) -> list[Reduction]:
             raise PrumergeError(f"--reduce: weight of {item!r} must be positive and finite")
         keep: int | float | None = None
         if budget_text:
-            try:
-                keep = parse_keep(budget_text)
-            except ValueError as exc:
-                raise PrumergeError(f"--reduce: budget of {item!r}: {exc}") from None
+            keep = parse_budget(budget_text, what=f"--reduce: budget of {item!r}")
         try:
             method = build_method(name.strip(), **({} if keep is None else {"keep": keep}))
         except ValueError as exc:

@@ -1,0 +1,157 @@
+"""The interface every model family implements (``FamilyAdapter``), the family registry,
+and the per-call records (``TokenStats``, ``Encoded``). ``handle.py`` patches a model through
+this interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prumerge.adapters.sequence import Packed
+from prumerge.errors import PrumergeError
+from prumerge.methods import Method
+from prumerge.ops import Reduction
+
+
+@dataclass
+class TokenStats:
+    """Visual tokens per image of the last call, in the order of the images.
+
+    Attributes:
+        tokens_in: tokens each image would have sent to the LLM without reduction (its
+            placeholders: patches, plus registers and anyres newline tokens where the model
+            has them).
+        tokens_out: tokens each image sent to the LLM.
+        vision_seconds: vision tower + reduction + projector time of the last call.
+        llm_full_layers: LLM layers that saw all ``tokens_in`` before pruning (FastV's K; 0
+            for vision-side methods).
+    """
+
+    tokens_in: list[int] = field(default_factory=list)
+    tokens_out: list[int] = field(default_factory=list)
+    vision_seconds: float = 0.0
+    llm_full_layers: int = 0
+
+    @property
+    def mean_in(self) -> float:
+        return sum(self.tokens_in) / max(len(self.tokens_in), 1)
+
+    @property
+    def mean_out(self) -> float:
+        return sum(self.tokens_out) / max(len(self.tokens_out), 1)
+
+
+@dataclass
+class Encoded:
+    """Every image of one call, reduced and projected.
+
+    Attributes:
+        features: per image, its (L_i, H) tokens for the LLM, in placeholder order.
+        tokens_in: per image, its placeholder count before reduction.
+        reductions: the ``Reduction`` of every group of views reduced together.
+        anchors: per image, (L_i,) int64: the placeholder (index within the image's
+            unreduced run) whose position each token takes with ``positions="original"``:
+            a kept patch its own, a merged token its anchor patch (``Reduction.anchors``).
+    """
+
+    features: list[torch.Tensor]
+    tokens_in: list[int]
+    reductions: list[Reduction]
+    anchors: list[torch.Tensor]
+
+
+class FamilyAdapter:
+    """One model family: where its patch tokens, grid, keys and importance come from, and
+    where the reduced tokens go. A new family is a new module with one subclass.
+
+    Subclasses set the class attributes and implement ``placeholder_counts`` and ``encode``;
+    M-RoPE families also implement ``rope_positions`` (and ``resized_rope_positions`` if
+    they support resizing methods).
+    """
+
+    #: Name of the family in ``FAMILIES`` and the README's table.
+    family: ClassVar[str] = ""
+    #: Human name, e.g. "LLaVA-NeXT".
+    title: ClassVar[str] = ""
+    #: Names of the Hugging Face classes this adapter serves.
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: Forward keyword arguments that carry the images (taken by the adapter).
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: Forward keyword arguments the adapter consumes and does not pass on.
+    consumed_inputs: ClassVar[tuple[str, ...]] = ()
+    #: Forward keyword arguments that are refused (inputs the adapter does not reduce).
+    refused_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
+    #: True for M-RoPE language models: kept tokens always keep their 3-D rope indices.
+    mrope: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, method: Method, *, budget_per: str = "image") -> None:
+        self.model = model
+        self.method = method
+        self.budget_per = budget_per
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder whose ``layers`` an LLM-side method wraps."""
+        return self.model.model.language_model
+
+    @property
+    def projector(self) -> nn.Module:
+        """The module whose output ends the vision stage (for timing)."""
+        return self.model.model.multi_modal_projector
+
+    def placeholder_counts(self, images: dict[str, Any]) -> torch.Tensor:
+        """(I,) placeholder tokens the processor inserted for every image."""
+        raise NotImplementedError
+
+    def encode(self, images: dict[str, Any]) -> Encoded:
+        """Run the vision tower, reduce every image and project it."""
+        raise NotImplementedError
+
+    def rope_positions(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        images: dict[str, Any],
+    ) -> torch.Tensor:
+        """(3, B, L) M-RoPE indices of the unreduced prompt (M-RoPE families only)."""
+        raise NotImplementedError
+
+    def resized_rope_positions(self, packed: Packed) -> torch.Tensor:
+        """(3, B, L') M-RoPE indices of the shrunk prompt when the images were resized
+        (``downsample``): the indices of the smaller images."""
+        raise NotImplementedError
+
+
+#: The registered families, in the order they are listed in errors and docs.
+FAMILIES: dict[str, type[FamilyAdapter]] = {}
+
+
+def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    if cls.family in FAMILIES:
+        raise ValueError(f"family {cls.family!r} is registered twice")
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def supported_models() -> str:
+    return ", ".join(
+        f"{name} ({cls.title})" for cls in FAMILIES.values() for name in cls.model_classes
+    )
+
+
+def family_for(model: nn.Module) -> type[FamilyAdapter]:
+    name = type(model).__name__
+    for cls in FAMILIES.values():
+        if name in cls.model_classes:
+            return cls
+    raise PrumergeError(f"{name} is not supported; supported models: {supported_models()}")
+
+
+__all__ = ["FAMILIES", "Encoded", "FamilyAdapter", "TokenStats", "family_for", "register_family"]

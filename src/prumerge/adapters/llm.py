@@ -1,0 +1,78 @@
+"""The LLM-side interface: methods that prune image tokens inside the language model.
+
+A family adapter hands over its decoder (``FamilyAdapter.language_model``, a module with a
+``layers`` list); the patch registered for the method's name wraps those layers on this one
+instance, and the ``Handle`` arms it before every call with where each image's tokens are in
+the (already shrunk) sequence. Nothing here knows a model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from prumerge.errors import PrumergeError
+from prumerge.methods import LanguageMethod
+
+
+class LanguagePatch:
+    """What the ``Handle`` needs from an LLM-side patch.
+
+    Attributes:
+        layer: the first decoder layer that runs on the pruned sequence (FastV's K).
+    """
+
+    layer: int
+
+    def __init__(self, language_model: nn.Module, method: LanguageMethod) -> None:
+        raise NotImplementedError
+
+    def arm(self, image: torch.Tensor, padding_mask: torch.Tensor) -> list[int]:
+        """Prepare for one forward or generate call.
+
+        Args:
+            image: (B, L) int64, the image each token belongs to (numbered across the batch),
+                -1 for text and padding.
+            padding_mask: (B, L) bool, True for real tokens.
+
+        Returns:
+            The image tokens each image keeps from ``layer`` on.
+        """
+        raise NotImplementedError
+
+    def disarm(self) -> None:
+        """Forget the call's state (the layers then run as if unpatched)."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Undo the patch exactly."""
+        raise NotImplementedError
+
+
+LANGUAGE_PATCHES: dict[str, type[LanguagePatch]] = {}
+P = TypeVar("P", bound=type[LanguagePatch])
+
+
+def register_language_patch(name: str) -> Callable[[P], P]:
+    """Class decorator: the patch that implements the LLM-side method ``name``."""
+
+    def add(cls: P) -> P:
+        LANGUAGE_PATCHES[name] = cls
+        return cls
+
+    return add
+
+
+def patch_language_model(method: LanguageMethod, language_model: nn.Module) -> LanguagePatch:
+    import prumerge.adapters.fastv  # noqa: F401  (registers the built-in patches)
+
+    patch = LANGUAGE_PATCHES.get(method.name)
+    if patch is None:
+        raise PrumergeError(
+            f"LLM-side method {method.name!r} has no language-model patch; available: "
+            f"{', '.join(sorted(LANGUAGE_PATCHES))}"
+        )
+    return patch(language_model, method)

@@ -1,0 +1,146 @@
+"""What a served model reduces: one method and one fixed budget, read from the model's config.
+
+vLLM sizes each image's run of placeholder tokens when it processes the prompt, before the
+vision tower runs, so every image of a served model must reduce to the same, known number
+of tokens. This module turns the ``prumerge`` entry of a model's config (set with vLLM's
+``--hf-overrides`` or written into ``config.json``) into a reduction method and that count.
+It imports neither vLLM nor transformers, so the main environment can test it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prumerge.errors import PrumergeError
+from prumerge.methods import VisionInputs, VisionMethod, build_method
+
+#: The architecture name the plugin registers with vLLM's ModelRegistry.
+ARCHITECTURE = "PrumergeLlavaForConditionalGeneration"
+#: The config attribute that holds ``{"method": ..., **options}``.
+CONFIG_KEY = "prumerge"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A validated serving configuration.
+
+    Attributes:
+        method: a registered method name (``prumerge.methods.method_names()``).
+        options: the method's options; ``keep`` is the fixed budget.
+    """
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> VisionMethod:
+        """A fresh instance of the configured method."""
+        return build_method(self.method, **self.options)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.options}
+
+
+def parse_serve_config(value: Any) -> ServeConfig:
+    """Validate the ``prumerge`` config entry of a served model.
+
+    Args:
+        value: a dict ``{"method": "prumerge+", "keep": 64, ...}`` (or its JSON text).
+
+    Returns:
+        The ``ServeConfig``.
+
+    Raises:
+        PrumergeError: for a missing or unknown method, unknown options, an LLM-side method
+            (FastV prunes inside the language model, which the plugin does not patch), a
+            method that resizes the input image (downsample), or an adaptive budget (vLLM needs each image's token count before the encoder runs).
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise PrumergeError(f"the {CONFIG_KEY!r} config is not valid JSON: {value!r}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("method"), str):
+        raise PrumergeError(
+            f"the {CONFIG_KEY!r} config must be a dict with a 'method' name, e.g. "
+            f'{{"method": "prumerge+", "keep": 64}}; got {value!r}'
+        )
+    options = {k: v for k, v in value.items() if k != "method"}
+    config = ServeConfig(method=value["method"], options=options)
+    try:
+        method = config.build()
+    except (TypeError, ValueError) as exc:
+        raise PrumergeError(str(exc)) from None
+    if getattr(method, "inside_llm", False):
+        raise PrumergeError(
+            f"method {config.method!r} prunes inside the language model, which the vLLM plugin "
+            f"does not patch; serve a vision-side method (prumerge, prumerge+, visionzip, "
+            f"cls_topk, pool, random, tome, divprune or none)"
+        )
+    if getattr(method, "resizes_input", False):
+        raise PrumergeError(
+            f"method {config.method!r} runs the vision tower on a resized image, which the vLLM "
+            f"plugin does not do; serve a method that reduces the tower's tokens"
+        )
+    if "keep" in method.options() and method.options()["keep"] is None:
+        raise PrumergeError(
+            f"method {config.method!r} with an adaptive budget (keep=None) cannot be served yet: "
+            f"vLLM sizes each image's placeholders before the vision tower runs; give a fixed "
+            f'budget, e.g. {{"method": "{config.method}", "keep": 64}}'
+        )
+    return config
+
+
+def hf_overrides(method: str, **options: Any) -> dict[str, Any]:
+    """The ``hf_overrides`` that make vLLM serve a LLaVA checkpoint through the plugin.
+
+    Pass the result to ``vllm.LLM(model, hf_overrides=...)``, or its JSON to
+    ``vllm serve MODEL --hf-overrides``.
+
+    Args:
+        method: a vision-side method name, e.g. ``"prumerge+"``.
+        **options: its options; ``keep`` (an int count or a float ratio of the N patches)
+            is required for methods whose default is adaptive.
+    """
+    config = parse_serve_config({"method": method, **options})
+    return {"architectures": [ARCHITECTURE], CONFIG_KEY: config.as_dict()}
+
+
+def output_count(
+    method: VisionMethod,
+    num_patches: int,
+    grid: tuple[int, int] | None = None,
+) -> int:
+    """The number of tokens the method sends to the LLM for every image of N patches.
+
+    The method's own ``reduce`` runs on two small made-up images, so the count comes from
+    the same code that reduces real images. A fixed budget gives a count that does not
+    depend on the image; if the two images disagree, the method cannot be served.
+
+    Args:
+        method: a built vision-side method.
+        num_patches: N, the patch tokens per image.
+        grid: (rows, cols) of the patch grid, if not square.
+
+    Returns:
+        K, the output tokens per image.
+    """
+    generator = torch.Generator().manual_seed(0)
+    width = 8
+    features = torch.randn(2, num_patches, width, generator=generator)
+    inputs = VisionInputs(features=features, grid=grid)
+    if method.needs_attention:
+        inputs.keys = torch.randn(2, num_patches, width, generator=generator)
+        logits = torch.randn(2, num_patches, generator=generator) * 3.0
+        inputs.cls_attn = logits.softmax(dim=-1)
+    lengths = method.reduce(inputs).lengths.tolist()
+    if lengths[0] != lengths[1]:
+        raise PrumergeError(
+            f"method {method.name!r} with options {method.options()} keeps a different number "
+            f"of tokens per image ({lengths[0]} and {lengths[1]} of {num_patches}), so vLLM "
+            f"cannot size its placeholders; give a fixed budget"
+        )
+    return int(lengths[0])

@@ -1,0 +1,266 @@
+"""Tiny random configurations of every supported family, and inputs built for them.
+
+``CASES`` has one entry per family registered in ``prumerge.adapters.FAMILIES``; the
+guarantee tests are parametrised over it, and ``test_every_family_has_a_case`` fails when a
+family is registered without one. No weights are downloaded: every model is built from a
+config with random weights (the vision towers' queries are scaled up so that attention is
+peaked, as in trained towers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
+)
+
+from .conftest import IMAGE_SIZE, IMAGE_TOKEN, tiny_llava
+
+VOCAB = 100
+TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+}
+VIEW = 28  # anyres view size: 4x4 patches of 7 px
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+#: Anyres image sizes (height, width): 2 tiles (unpadded), 2 tiles the other way, 4 tiles.
+ANYRES_SIZES = [(30, 70), (64, 20), (50, 50)]
+#: Qwen image grids (t, h, w) in ViT patches; merged grids 4x6, 4x4, 6x4.
+QWEN_GRIDS = [(1, 8, 12), (1, 8, 8), (1, 12, 8)]
+
+
+def _peaked(model: torch.nn.Module, scale: float = 6.0) -> torch.nn.Module:
+    """Scale the vision towers' queries up: random weights give almost flat attention."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if "language_model" in name:
+                continue
+            if hasattr(module, "q_proj") and isinstance(module.q_proj, torch.nn.Linear):
+                module.q_proj.weight.mul_(scale)
+            if hasattr(module, "qkv") and isinstance(module.qkv, torch.nn.Linear):
+                width = module.qkv.weight.shape[0] // 3
+                module.qkv.weight[:width].mul_(scale)
+    return model
+
+
+def _set_attn(model: torch.nn.Module, attn: str) -> torch.nn.Module:
+    model.set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class Case:
+    """One family's tiny model and how to make inputs for it.
+
+    Attributes:
+        family: the key in ``prumerge.adapters.FAMILIES``.
+        build: ``build(attn, seed)`` -> an eval-mode model.
+        images: ``images(indices, seed)`` -> the image inputs (``pixel_values`` and the
+            family's other inputs) for those of the case's image kinds.
+        kinds: how many image kinds (sizes) the case has.
+        multi_image: whether a prompt may hold several images.
+        extra: per-call inputs that depend on the rows (``batch_num_images``).
+    """
+
+    family: str
+    build: Callable[[str, int], torch.nn.Module]
+    images: Callable[[list[int], int], dict[str, Any]]
+    kinds: int
+    multi_image: bool = True
+    row_inputs: Callable[[list[list[int]]], dict[str, Any]] = field(default=lambda rows: {})
+
+    def placeholder_counts(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[int]:
+        """Tokens per image as the unpatched model makes them (its own code)."""
+        with torch.no_grad():
+            if self.family == "llava":
+                out = model.model.get_image_features(inputs["pixel_values"]).pooler_output
+                return [f.shape[0] for f in out]
+            if self.family.startswith("qwen"):
+                merge = model.config.vision_config.spatial_merge_size
+                return (inputs["image_grid_thw"].prod(-1) // merge**2).tolist()
+            extra = {k: v for k, v in inputs.items() if k == "batch_num_images"}
+            out = model.model.get_image_features(
+                inputs["pixel_values"], inputs["image_sizes"], **extra
+            )
+            return [f.shape[0] for f in out.pooler_output]
+
+
+def _llava(attn: str, seed: int) -> torch.nn.Module:
+    model = tiny_llava("clip", attn=attn, seed=seed, text_layers=3)
+    model.model.language_model.set_attn_implementation(attn)
+    return model
+
+
+def _draw(shape: tuple[int, ...], kind: int, seed: int) -> torch.Tensor:
+    """An image of one kind: the same pixels wherever it appears in a batch."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1000 * seed + kind))
+
+
+def _llava_images(kinds: list[int], seed: int) -> dict[str, Any]:
+    # Scaled differently, so that the [CLS] attention and the adaptive counts differ.
+    pixels = [_draw((3, IMAGE_SIZE, IMAGE_SIZE), k, seed) * (1.0, 3.0, 0.1)[k % 3] for k in kinds]
+    return {"pixel_values": torch.stack(pixels)}
+
+
+def _llava_next(attn: str, seed: int) -> torch.nn.Module:
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**VISION, image_size=VIEW, patch_size=7),
+        text_config=LlamaConfig(**TEXT),
+        image_grid_pinpoints=PINPOINTS,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    return _set_attn(_peaked(LlavaNextForConditionalGeneration(config).eval()), attn)
+
+
+def _anyres_images(kinds: list[int], seed: int) -> dict[str, Any]:
+    pixels = torch.stack([_draw((5, 3, VIEW, VIEW), k, seed) for k in kinds])  # <= 1 + 4 views
+    sizes = torch.tensor([ANYRES_SIZES[k] for k in kinds])
+    return {"pixel_values": pixels, "image_sizes": sizes}
+
+
+def _llava_onevision(attn: str, seed: int) -> torch.nn.Module:
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**VISION, image_size=VIEW, patch_size=7),
+        text_config=Qwen2Config(**TEXT),
+        image_grid_pinpoints=PINPOINTS,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=98,
+        # Grids above 2 views' area are shrunk (bilinear), as anyres_max_9 does for big images.
+        vision_aspect_ratio="anyres_max_2",
+    )
+    torch.manual_seed(seed)
+    return _set_attn(_peaked(LlavaOnevisionForConditionalGeneration(config).eval()), attn)
+
+
+def _qwen_config(cls: type, vision: dict[str, Any]) -> Any:
+    text = dict(
+        TEXT,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+    )
+    return cls(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=98,
+        vision_start_token_id=97,
+        vision_end_token_id=96,
+    )
+
+
+def _qwen2_5_vl(attn: str, seed: int) -> torch.nn.Module:
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 16,  # 2x2 merged tokens per window: the blocks see window order
+        "out_hidden_size": 32,
+        "fullatt_block_indexes": [1],
+    }
+    torch.manual_seed(seed)
+    config = _qwen_config(Qwen2_5_VLConfig, vision)
+    return _set_attn(_peaked(Qwen2_5_VLForConditionalGeneration(config).eval()), attn)
+
+
+def _qwen2_vl(attn: str, seed: int) -> torch.nn.Module:
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 32,
+        "mlp_ratio": 2,
+        "num_heads": 4,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    torch.manual_seed(seed)
+    config = _qwen_config(Qwen2VLConfig, vision)
+    return _set_attn(_peaked(Qwen2VLForConditionalGeneration(config).eval()), attn)
+
+
+def _qwen_images(kinds: list[int], seed: int) -> dict[str, Any]:
+    grids = torch.tensor([QWEN_GRIDS[k] for k in kinds])
+    # Processor layout: one row of (channels x 2 frames x 4 x 4) values per ViT patch.
+    rows = [
+        _draw((int(g.prod()), 3 * 2 * 4 * 4), k, seed) for g, k in zip(grids, kinds, strict=True)
+    ]
+    return {"pixel_values": torch.cat(rows), "image_grid_thw": grids}
+
+
+def _per_row(rows: list[list[int]]) -> dict[str, Any]:
+    return {"batch_num_images": torch.tensor([len(r) for r in rows])}
+
+
+CASES = {
+    "llava": Case("llava", _llava, _llava_images, kinds=3),
+    "llava_next": Case("llava_next", _llava_next, _anyres_images, kinds=3),
+    "llava_onevision": Case(
+        "llava_onevision", _llava_onevision, _anyres_images, kinds=3, row_inputs=_per_row
+    ),
+    "qwen2_5_vl": Case("qwen2_5_vl", _qwen2_5_vl, _qwen_images, kinds=3),
+    "qwen2_vl": Case("qwen2_vl", _qwen2_vl, _qwen_images, kinds=3),
+}
+
+
+def build_batch(
+    case: Case, model: torch.nn.Module, rows: list[tuple[list[list[int]], list[int]]], seed: int = 0
+) -> dict[str, Any]:
+    """Left-padded inputs: each row is (text parts, image kinds); the images go between parts.
+
+    ``rows[i] = ([[1, 2], [3, 4]], [0])`` is ids 1 2, image of kind 0, ids 3 4.
+    """
+    kinds = [k for _, row_kinds in rows for k in row_kinds]
+    inputs = case.images(kinds, seed)
+    inputs.update(case.row_inputs([row_kinds for _, row_kinds in rows]))
+    counts = case.placeholder_counts(model, inputs)
+    ids_rows, image = [], 0
+    for parts, row_kinds in rows:
+        assert len(parts) == len(row_kinds) + 1
+        ids = list(parts[0])
+        for part in parts[1:]:
+            ids += [IMAGE_TOKEN] * counts[image] + list(part)
+            image += 1
+        ids_rows.append(ids)
+    width = max(map(len, ids_rows))
+    inputs["input_ids"] = torch.tensor([[0] * (width - len(r)) + r for r in ids_rows])
+    inputs["attention_mask"] = torch.tensor(
+        [[0] * (width - len(r)) + [1] * len(r) for r in ids_rows]
+    )
+    if case.family.startswith("qwen"):
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE_TOKEN).int()
+    inputs["counts"] = counts
+    return inputs

