@@ -11,31 +11,14 @@ import torch
 from PIL import Image
 
 import prumerge
-from prumerge.data.easy_vqa import load_easy_vqa, question_type
+from prumerge.data.easy_vqa import first_questions_per_type
 from prumerge.models import format_prompt, load_default_model, normalize_answer
 
 QUOTA = {"yes/no": 8, "color": 6, "shape": 6}  # as in the test
 
 
-def fixed_questions() -> list[tuple[str, str, str]]:
-    """For the first test images, the first question of each type, until the quota is met."""
-    ids, turns, paths = load_easy_vqa("test")
-    chosen, need = [], dict(QUOTA)
-    for image_id in ids:
-        seen = set()
-        for question, answer in turns[image_id]:
-            kind = question_type(answer)
-            if need[kind] and kind not in seen:
-                chosen.append((paths[image_id], question, answer))
-                need[kind] -= 1
-                seen.add(kind)
-        if not any(need.values()):
-            break
-    return chosen
-
-
 def main() -> None:
-    chosen = fixed_questions()
+    chosen = first_questions_per_type(QUOTA)
     truth = [answer for _, _, answer in chosen]
     for variant in ("default", "base"):
         model, processor = load_default_model(variant=variant)

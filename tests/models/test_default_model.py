@@ -25,21 +25,9 @@ MIN_CORRECT_REDUCED = {"prumerge": 14, "prumerge+": 17}
 
 @pytest.fixture(scope="module")
 def fixed_questions():
-    from prumerge.data.easy_vqa import load_easy_vqa, question_type
+    from prumerge.data.easy_vqa import first_questions_per_type
 
-    ids, turns, paths = load_easy_vqa("test")
-    chosen = []
-    need = dict(QUOTA)
-    for image_id in ids:
-        seen = set()
-        for question, answer in turns[image_id]:
-            kind = question_type(answer)
-            if need[kind] and kind not in seen:
-                chosen.append((paths[image_id], question, answer))
-                need[kind] -= 1
-                seen.add(kind)
-        if not any(need.values()):
-            break
+    chosen = first_questions_per_type(QUOTA)
     assert len(chosen) == sum(QUOTA.values())
     return chosen
 

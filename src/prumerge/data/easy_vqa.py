@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from prumerge.errors import PrumergeError
 
 __all__ = [
+    "first_questions_per_type",
     "SHAPES",
     "balanced_keep_rates",
     "easy_vqa_split",
@@ -67,6 +68,30 @@ def question_type(answer: str) -> str:
 
 
 _NEGATION = re.compile(r"\b(not|no)\b|n't")
+
+
+def first_questions_per_type(
+    quota: dict[str, int], split: str = "test"
+) -> list[tuple[str, str, str]]:
+    """A small fixed question set: for the split's images in ascending id order, the first
+    question of each type (see ``question_type``) until ``quota`` of each type is reached.
+
+    Returns:
+        ``(image path, question, answer)`` triples, in the order they were taken.
+    """
+    ids, turns, paths = load_easy_vqa(split)
+    chosen, need = [], dict(quota)
+    for image_id in ids:
+        seen = set()
+        for question, answer in turns[image_id]:
+            kind = question_type(answer)
+            if need.get(kind) and kind not in seen:
+                chosen.append((paths[image_id], question, answer))
+                need[kind] -= 1
+                seen.add(kind)
+        if not any(need.values()):
+            break
+    return chosen
 
 
 def is_negated(question: str) -> bool:
