@@ -46,9 +46,21 @@ def test_parse_accepts_json_text():
     assert config.build().keep == 0.25
 
 
+def test_text_values_are_typed_as_on_the_command_line():
+    # One parser (prumerge.runtime) for the CLI, the API, lmms-eval and serving: "64" is a
+    # count, "1.0" a ratio of all the patches, and a string option keeps its string.
+    count = parse_serve_config({"method": "prumerge+", "keep": "64", "merge": "none"})
+    assert count.options == {"keep": 64, "merge": "none"}
+    ratio = parse_serve_config({"method": "pool", "keep": "1.0"})
+    assert ratio.options == {"keep": 1.0} and isinstance(ratio.options["keep"], float)
+    assert parse_serve_config({"method": "pool", "keep": "1"}).options == {"keep": 1}
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
+        ({"method": "prumerge+", "keep": 64, "knn": "abc"}, "knn takes an integer"),
+        ({"method": "prumerge+", "keep": 64, "min_keep": 0}, "min_keep must be >= 1"),
         ({"method": "prumerge"}, "adaptive budget"),
         ({"method": "prumerge+", "keep": None}, "adaptive budget"),
         ({"method": "fastv", "keep": 64}, "inside the language model"),

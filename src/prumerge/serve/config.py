@@ -49,6 +49,7 @@ def parse_serve_config(value: Any) -> ServeConfig:
 
     Args:
         value: a dict ``{"method": "prumerge+", "keep": 64, ...}`` (or its JSON text).
+            Values may be text, as on the command line (``"keep": "0.25"``).
 
     Returns:
         The ``ServeConfig``.
@@ -68,12 +69,14 @@ def parse_serve_config(value: Any) -> ServeConfig:
             f"the {CONFIG_KEY!r} config must be a dict with a 'method' name, e.g. "
             f'{{"method": "prumerge+", "keep": 64}}; got {value!r}'
         )
-    options = {k: v for k, v in value.items() if k != "method"}
-    config = ServeConfig(method=value["method"], options=options)
-    try:
-        method = config.build()
-    except (TypeError, ValueError) as exc:
-        raise PrumergeError(str(exc)) from None
+    from prumerge.runtime import coerce_options, make_method
+
+    name = value["method"]
+    # The same parser and checks as the CLI, the Python API and the lmms-eval plugin: text
+    # values are typed ("64" is a count, "0.25" a ratio) and the constructor judges them.
+    options = coerce_options(name, {k: v for k, v in value.items() if k != "method"})
+    method = make_method(name, options)
+    config = ServeConfig(method=name, options=options)
     if getattr(method, "inside_llm", False):
         raise PrumergeError(
             f"method {config.method!r} prunes inside the language model, which the vLLM plugin "
