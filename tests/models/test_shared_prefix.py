@@ -160,3 +160,32 @@ def test_predictor_answers_equal_generate_on_the_generated_benchmark():
         )
     assert [p.text for p in shared] == [g.text for g in one_by_one]
     assert [p.tokens_out for p in shared] == [g.tokens_out for g in one_by_one]
+
+
+def test_benchmark_files_share_one_vision_pass_per_image():
+    """The loaders wrap every sample's file in its own ImageFile; questions about one file
+    are still one image to the predictor (a regression: keyed by object, nothing was shared
+    and every question paid for the vision tower and the LLM's pass over the image)."""
+    from prumerge.eval.datasets import load_benchmark
+    from prumerge.eval.predictor import ModelPredictor
+    from tests.adapters.conftest import tiny_llava
+    from tests.eval.tiny_model import build_processor
+
+    model = tiny_llava("clip")
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    processor = build_processor()
+    processor.tokenizer.padding_side = "left"
+    samples = load_benchmark("easy-vqa", limit=25).samples
+    files = list(dict.fromkeys(str(s.image) for s in samples))
+    assert 1 < len(files) < len(samples)  # several questions per image
+    prompt_fn = lambda q: f"USER : <image> {q} ASSISTANT :"  # noqa: E731
+    with ModelPredictor(model, processor, prompt_fn, "prumerge", max_new_tokens=2) as predictor:
+        shared = predictor.predict(samples)
+        assert len(predictor.handle.stats.tokens_in) == len(files)  # one vision pass per image
+        one_by_one = predictor.generate(
+            [prompt_fn(s.prompt) for s in samples],
+            [[s.load_image()] for s in samples],
+            formatted=True,
+        )
+    assert [p.text for p in shared] == [g.text for g in one_by_one]

@@ -12,9 +12,9 @@ The lmms-eval plugin (:mod:`prumerge.eval.lmms_plugin`) answers its requests thr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prumerge.errors import PrumergeError
@@ -177,7 +177,9 @@ class ModelPredictor:
         groups: dict[Any, list[int]] = {}
         for index, sample in enumerate(samples):
             source = sample.image
-            key = str(source) if isinstance(source, (str, Path)) else id(source)
+            # A file (a path, or the loaders' ImageFile, one object per sample) is one image
+            # by its path; an image in memory by its identity.
+            key = os.fspath(source) if isinstance(source, (str, os.PathLike)) else id(source)
             groups.setdefault(key, []).append(index)
         order = list(groups.values())
         images = [samples[members[0]].load_image() for members in order]
