@@ -3,7 +3,9 @@
 Each MODEL=DIR argument names a model and the `--out` directory of one `prumerge eval` run
 (its summary.json). For every benchmark given, it prints a Markdown table per model (score,
 retention against that model's `none`, per-subtask scores, mean visual tokens), for easy-vqa
-also its yes/no answers per (plain/negated, true answer) cell, and writes one
+also its yes/no answers per (plain/negated, true answer) cell. Where a run holds fixed budgets, it
+first prints one table of every method by budget, the models side by side (score and
+retention). It writes one
 plot with a panel per model and a line per method (the adaptive count circled). No point
 carries a text label, so labels never overlap; one legend names the lines.
 
@@ -62,6 +64,40 @@ def table(name: str, summary: dict) -> str:
             row[2:4] = [f"**{row[2]}**", f"**{row[3]}**"]
         lines.append("| " + " | ".join(row) + " |")
     return f"**{name}**\n\n" + "\n".join(lines) + "\n"
+
+
+def budget_grid(summaries: dict[str, dict]) -> str:
+    """Methods by budget, models side by side: ``score (retention)``; '' where not run."""
+    budgets: list[str] = []
+    methods: list[str] = []
+    cells: dict[tuple[str, str, str], str] = {}
+    for model, summary in summaries.items():
+        for config in summary["configs"].values():
+            if config.get("score") is None or config["method"] == "none":
+                continue
+            label = budget_label(config)
+            if label not in budgets:
+                budgets.append(label)
+            if config["method"] not in methods:
+                methods.append(config["method"])
+            cells[(model, config["method"], label)] = (
+                f"{config['score']:.1f} ({config['relative']:.0f}%)"
+            )
+    order = sorted(budgets, key=lambda b: (b == "adaptive", float(b) if b != "adaptive" else 0))
+    head = ["method"] + [f"{model} {b}" for model in summaries for b in order]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        row = [f"`{method}`"] + [
+            cells.get((model, method, b), "") for model in summaries for b in order
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    nones = ", ".join(
+        f"{model} {c['score']:.2f}"
+        for model, summary in summaries.items()
+        for c in summary["configs"].values()
+        if c["method"] == "none" and c.get("score") is not None
+    )
+    return "\n".join(lines) + f"\n\n`none` (all tokens): {nones}.\n"
 
 
 def yes_no_cells(name: str, directory: Path, summary: dict) -> str:
@@ -162,6 +198,12 @@ def main() -> None:
             sys.exit(f"results_report: {item!r} is not MODEL=DIR")
         summaries[name] = load(Path(directory))
         directories[name] = Path(directory)
+    if any(
+        isinstance(c.get("budget"), (int, float))
+        for summary in summaries.values()
+        for c in summary["configs"].values()
+    ):
+        print(budget_grid(summaries))
     for name, summary in summaries.items():
         print(table(name, summary))
         if args.benchmark == "easy-vqa":
