@@ -1,0 +1,83 @@
+"""scripts/results_report.py: the tables of docs/results.md, from `prumerge eval` summaries."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("results_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def config(method: str, budget, score: float, none: float, tokens: float) -> dict:
+    return {
+        "method": method,
+        "budget": budget,
+        "score": score,
+        "relative": 100 * score / none,
+        "scores": {"score": score, "color/score": score},
+        "tokens_out": tokens,
+        "n": 10,
+    }
+
+
+def summary(none: float, pool: float) -> dict:
+    configs = [
+        config("none", None, none, none, 256.0),
+        config("prumerge", None, none / 2, none, 28.5),
+        config("prumerge", 0.25, none * 0.9, none, 64.0),
+        config("pool", 0.25, pool, none, 64.0),
+        config("pool", 0.08, pool / 2, none, 16.0),
+    ]
+    return {"configs": {f"{c['method']}-{c['budget']}": c for c in configs}}
+
+
+def test_budget_grid_puts_models_side_by_side_in_budget_order(report):
+    text = report.budget_grid({"default": summary(80.0, 60.0), "base": summary(50.0, 10.0)})
+    lines = text.splitlines()
+    assert lines[0] == (
+        "| method | default 0.08 | default 0.25 | default adaptive "
+        "| base 0.08 | base 0.25 | base adaptive |"
+    )
+    rows = {line.split(" | ")[0]: line for line in lines[2:] if line.startswith("| `")}
+    assert rows["| `prumerge`"] == (
+        "| `prumerge` |  | 72.0 (90%) | 40.0 (50%) |  | 45.0 (90%) | 25.0 (50%) |"
+    )
+    assert rows["| `pool`"] == "| `pool` | 30.0 (38%) | 60.0 (75%) |  | 5.0 (10%) | 10.0 (20%) |  |"
+    assert "`none` (all tokens): default 80.00, base 50.00." in text
+
+
+def test_main_prints_the_grid_only_for_runs_with_budgets(report, tmp_path, monkeypatch, capsys):
+    for name, data in (("a", summary(80.0, 60.0)), ("b", summary(50.0, 10.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(data))
+    plot = tmp_path / "plot.png"
+    argv = ["results_report.py", "--benchmark", "synth", f"a={tmp_path / 'a'}"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"b={tmp_path / 'b'}", "--plot", str(plot)])
+    report.main()
+    out = capsys.readouterr().out
+    assert out.startswith("| method | a 0.08 | a 0.25 | a adaptive |")
+    assert "**a**" in out and "**b**" in out and plot.stat().st_size > 0
+
+
+def test_adaptive_runs_get_no_grid(report, tmp_path, monkeypatch, capsys):
+    data = summary(80.0, 60.0)
+    data["configs"] = {k: c for k, c in data["configs"].items() if c["budget"] is None}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(data))
+    plot = tmp_path / "plot.png"
+    argv = ["results_report.py", "--benchmark", "synth", f"a={tmp_path / 'a'}", "--plot", str(plot)]
+    monkeypatch.setattr(sys, "argv", argv)
+    report.main()
+    assert capsys.readouterr().out.startswith("**a**")
