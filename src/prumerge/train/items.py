@@ -26,8 +26,9 @@ def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item
     """easy-vqa's training split, then generated scenes (train split, never the test split).
 
     Each image's turns are shuffled once with the seed; with ``balance_yes_no`` easy-vqa's
-    yes/no turns are subsampled per (plain/negated, answer) cell; each question carries the
-    short-answer instruction with probability ``instruction_rate``.
+    yes/no turns are subsampled per (plain/negated, answer) cell, and an image left with no
+    turn is skipped; each question carries the short-answer instruction with probability
+    ``instruction_rate``.
 
     Returns:
         ``(items, number of easy-vqa items)``; the easy-vqa items come first.
@@ -50,6 +51,7 @@ def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item
         rates = balanced_keep_rates([q for q, _ in every], [a for _, a in every])
         log("yes/no keep rates: " + ", ".join(f"{k}: {v:.3f}" for k, v in rates.items()))
     shaped: list[Item] = []
+    emptied = 0  # easy-vqa images whose every turn the balancing dropped
     for position, (load, item_turns) in enumerate(items):
         kept = list(item_turns)
         if rates and position < num_easy:
@@ -58,12 +60,17 @@ def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item
                 for q, a in kept
                 if a not in ("yes", "no") or rng.random() < rates[(is_negated(q), a)]
             ]
+            if not kept:  # an image with no question left has nothing to train on
+                emptied += 1
+                continue
         rng.shuffle(kept)
         kept = [
             (q + SHORT_ANSWER if rng.random() < cfg.instruction_rate else q, a) for q, a in kept
         ]
         shaped.append((load, kept))
-    return shaped, num_easy
+    if emptied:
+        log(f"{emptied} easy-vqa images left with no question after balancing; skipped")
+    return shaped, num_easy - emptied
 
 
 def llava_json_items(cfg: Any) -> list[Item]:

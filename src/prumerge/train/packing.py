@@ -73,6 +73,8 @@ def encode_isolated_turns(
         prompt_fn: formats one question (with one image token) the way inference does.
         end_of_turn: the text that ends an answer (SmolLM2's ``<|im_end|>``).
     """
+    if not turns:
+        raise PrumergeError("an image with no question-answer turn cannot be encoded")
     tokenizer = processor.tokenizer
     image_id = _image_id(processor)
     eos_ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
@@ -125,6 +127,8 @@ def encode_chat(
     rendering adds after the prompt that asks for it, so the template must render
     conversations incrementally (LLaVA's and ChatML templates do).
     """
+    if not turns:
+        raise PrumergeError("an image with no question-answer turn cannot be encoded")
     tokenizer = processor.tokenizer
     image_id = _image_id(processor)
     messages: list[dict[str, Any]] = []

@@ -1,0 +1,37 @@
+"""The default model's training items: balancing yes/no never leaves an image without a turn."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from prumerge.errors import PrumergeError
+from prumerge.train.items import default_model_items
+from prumerge.train.packing import encode_chat, encode_isolated_turns
+
+
+def test_balancing_skips_images_left_with_no_question():
+    # 184 of easy-vqa's 4,000 training images have only yes/no questions; subsampling the
+    # majority cells can drop all of an image's turns. Such an image used to reach packing
+    # with no turns: a sequence without its image placeholder, and a failed training step.
+    messages: list[str] = []
+    cfg = SimpleNamespace(
+        train_images=None, synth_scenes=0, seed=2, balance_yes_no=True, instruction_rate=0.0
+    )
+    items, num_easy = default_model_items(cfg, messages.append)
+    assert num_easy == len(items)
+    assert all(turns for _, turns in items)
+    skipped = 4000 - len(items)
+    assert skipped > 0
+    assert f"{skipped} easy-vqa images left with no question after balancing; skipped" in messages
+
+
+def test_packing_refuses_an_image_with_no_turn():
+    from tests.eval.tiny_model import build_processor
+
+    processor = build_processor()
+    with pytest.raises(PrumergeError, match="no question-answer turn"):
+        encode_isolated_turns(processor, [], 4, lambda q: f"USER : <image> {q}", "</s>")
+    with pytest.raises(PrumergeError, match="no question-answer turn"):
+        encode_chat(processor, [], 4, lambda messages, prompt: "")
