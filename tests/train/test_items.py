@@ -17,7 +17,12 @@ def test_balancing_skips_images_left_with_no_question():
     # with no turns: a sequence without its image placeholder, and a failed training step.
     messages: list[str] = []
     cfg = SimpleNamespace(
-        train_images=None, synth_scenes=0, seed=2, balance_yes_no=True, instruction_rate=0.0
+        train_images=None,
+        synth_scenes=0,
+        seed=2,
+        balance_yes_no=True,
+        minority_repeat=1,
+        instruction_rate=0.0,
     )
     items, num_easy = default_model_items(cfg, messages.append)
     assert num_easy == len(items)
@@ -25,6 +30,40 @@ def test_balancing_skips_images_left_with_no_question():
     skipped = 4000 - len(items)
     assert skipped > 0
     assert f"{skipped} easy-vqa images left with no question after balancing; skipped" in messages
+
+
+def test_minority_repeat_weights_the_minority_cells_and_drops_nothing():
+    from collections import Counter
+
+    from prumerge.data.easy_vqa import is_negated
+
+    def cells(repeat: int) -> tuple[Counter, int]:
+        cfg = SimpleNamespace(
+            train_images=300,
+            synth_scenes=0,
+            seed=0,
+            balance_yes_no=False,
+            minority_repeat=repeat,
+            instruction_rate=0.0,
+        )
+        items, num_easy = default_model_items(cfg, lambda _: None)
+        counts = Counter(
+            (is_negated(q), a) for _, turns in items for q, a in turns if a in ("yes", "no")
+        )
+        others = sum(1 for _, turns in items for _, a in turns if a not in ("yes", "no"))
+        assert num_easy == len(items) == 300
+        return counts, others
+
+    plain, others = cells(1)
+    tripled, others_tripled = cells(3)
+    # easy-vqa's minority answers: "yes" to a plain question, "no" to a negated one
+    assert plain[(False, "yes")] < plain[(False, "no")]
+    assert plain[(True, "no")] < plain[(True, "yes")]
+    assert tripled[(False, "yes")] == 3 * plain[(False, "yes")]
+    assert tripled[(True, "no")] == 3 * plain[(True, "no")]
+    assert tripled[(False, "no")] == plain[(False, "no")]
+    assert tripled[(True, "yes")] == plain[(True, "yes")]
+    assert others_tripled == others
 
 
 def test_packing_refuses_an_image_with_no_turn():

@@ -168,6 +168,12 @@ def test_mixture_errors_are_one_line(text, message):
         ({"install": "other"}, "--install takes a variant name"),
         ({"reduce": "fastv"}, "inside the language model"),
         ({"train_projector": False}, "nothing to train"),
+        ({"minority_repeat": 0}, "--minority-repeat must be a whole number >= 1"),
+        ({"minority_repeat": 2.5}, "--minority-repeat must be a whole number >= 1"),
+        (
+            {"model": "some/llava", "data": __file__, "packing": "chat", "minority_repeat": 2},
+            "--minority-repeat applies to the default model only",
+        ),
     ],
 )
 def test_config_checks_are_one_line(changes, message):

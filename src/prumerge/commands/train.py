@@ -131,6 +131,15 @@ def register(subparsers) -> None:
         "among plain and among negated questions",
     )
     p.add_argument(
+        "--minority-repeat",
+        type=int,
+        default=d.minority_repeat,
+        metavar="N",
+        help="repeat each easy-vqa yes/no question whose answer is its form's minority "
+        "(plain 'yes', negated 'no') N times, weighting it N-fold in the loss without "
+        "dropping any question (default: 1)",
+    )
+    p.add_argument(
         "--synth-scenes",
         type=int,
         default=d.synth_scenes,
@@ -212,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         packing=packing,
         instruction_rate=args.instruction_rate,
         balance_yes_no=args.balance_yes_no,
+        minority_repeat=args.minority_repeat,
         synth_scenes=args.synth_scenes,
         synth_per_batch=args.synth_per_batch,
         prompt_tokens=args.prompt_tokens,

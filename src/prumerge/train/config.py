@@ -60,6 +60,10 @@ class TrainConfig:
     # Subsample easy-vqa's yes/no turns so that "yes" and "no" are equally frequent among
     # plain and among negated questions (easy-vqa's are 82% "no" and 82% "yes").
     balance_yes_no: bool = False
+    # Repeat each easy-vqa yes/no turn of its form's minority answer (plain "yes", negated
+    # "no") this many times in its image's sequence: the loss weights it that many times,
+    # and no majority turn is dropped.
+    minority_repeat: int = 1
     synth_scenes: int = 0  # generated training scenes to mix in (prumerge.data.synth)
     synth_per_batch: int = 0  # of them, per step, on top of `batch_size` easy-vqa images
     # Learned prompt embeddings before the image (new vocabulary rows); 0: none.
@@ -133,6 +137,10 @@ def check_config(cfg: TrainConfig) -> None:
         _non_negative(getattr(cfg, name), f"--{name.replace('_', '-')}")
     for name in ("prompt_tokens", "lora_rank", "eval_scenes", "stats_images"):
         _non_negative(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    if not isinstance(cfg.minority_repeat, int) or cfg.minority_repeat < 1:
+        raise PrumergeError(
+            f"--minority-repeat must be a whole number >= 1; got {cfg.minority_repeat!r}"
+        )
     if cfg.time_budget_min is not None:
         _positive(cfg.time_budget_min, "--time-budget-min")
     if cfg.train_images is not None:
@@ -164,6 +172,8 @@ def check_config(cfg: TrainConfig) -> None:
         for name in ("prompt_tokens", "synth_scenes", "balance_yes_no", "train_images"):
             if getattr(cfg, name):
                 raise PrumergeError(f"--{name.replace('_', '-')} applies to the default model only")
+        if cfg.minority_repeat != 1:
+            raise PrumergeError("--minority-repeat applies to the default model only")
     if cfg.install not in (None, "default", "base"):
         raise PrumergeError("--install takes a variant name: default or base")
     if cfg.install is not None and cfg.model is not None:

@@ -27,8 +27,9 @@ def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item
 
     Each image's turns are shuffled once with the seed; with ``balance_yes_no`` easy-vqa's
     yes/no turns are subsampled per (plain/negated, answer) cell, and an image left with no
-    turn is skipped; each question carries the short-answer instruction with probability
-    ``instruction_rate``.
+    turn is skipped; with ``minority_repeat`` N, each easy-vqa yes/no turn of a minority cell
+    (the cells balancing keeps whole) appears N times instead; each question carries the
+    short-answer instruction with probability ``instruction_rate``.
 
     Returns:
         ``(items, number of easy-vqa items)``; the easy-vqa items come first.
@@ -46,10 +47,15 @@ def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item
             items.append((draw, [(q.question, q.answer) for q in scene.questions]))
     rng = random.Random(cfg.seed)
     rates: dict[tuple[bool, str], float] = {}
-    if cfg.balance_yes_no:
+    minority: set[tuple[bool, str]] = set()
+    repeat = cfg.minority_repeat
+    if cfg.balance_yes_no or repeat > 1:
         every = [t for _, item_turns in items[:num_easy] for t in item_turns]
-        rates = balanced_keep_rates([q for q, _ in every], [a for _, a in every])
-        log("yes/no keep rates: " + ", ".join(f"{k}: {v:.3f}" for k, v in rates.items()))
+        cell_rates = balanced_keep_rates([q for q, _ in every], [a for _, a in every])
+        minority = {cell for cell, rate in cell_rates.items() if rate == 1.0}
+        if cfg.balance_yes_no:
+            rates = cell_rates
+            log("yes/no keep rates: " + ", ".join(f"{k}: {v:.3f}" for k, v in rates.items()))
     shaped: list[Item] = []
     emptied = 0  # easy-vqa images whose every turn the balancing dropped
     for position, (load, item_turns) in enumerate(items):
@@ -63,6 +69,12 @@ def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item
             if not kept:  # an image with no question left has nothing to train on
                 emptied += 1
                 continue
+        if repeat > 1 and position < num_easy:
+            kept = [
+                turn
+                for q, a in kept
+                for turn in [(q, a)] * (repeat if (is_negated(q), a) in minority else 1)
+            ]
         rng.shuffle(kept)
         kept = [
             (q + SHORT_ANSWER if rng.random() < cfg.instruction_rate else q, a) for q, a in kept
