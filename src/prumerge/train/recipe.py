@@ -110,11 +110,12 @@ RECIPES: dict[str, list[Stage]] = {
             notes="easy-vqa's own yes/no distribution, lower rate: the base variant, the "
             "reference for training-free reduction",
         ),
-        # The default variant: the base continued with reduction in the loop and LoRA (rank 16,
-        # every linear layer of SmolLM2). Per step 3 easy-vqa training images and 3 of 8,000
-        # generated training scenes; each step draws one reduction from the mixture.
+        # The default variant, in two stages: the base continued with reduction in the loop
+        # and LoRA (rank 16, every linear layer of SmolLM2). Per step 3 easy-vqa training
+        # images and 3 of 8,000 generated training scenes; each step draws one reduction from
+        # the mixture.
         Stage(
-            "default",
+            "reduce-1",
             {
                 "seed": 1,
                 "batch_size": 3,
@@ -136,7 +137,36 @@ RECIPES: dict[str, list[Stage]] = {
                 "reduce": "none:1,prumerge:2,prumerge+:1,visionzip@64:1",
             },
             init_from="base",
-            notes="the base continued with reduction in the loop and LoRA: the default variant",
+            notes="the base continued with reduction in the loop and LoRA",
+        ),
+        # Adaptive PruMerge drawn half the time, and easy-vqa's minority yes/no answers
+        # (plain "yes", negated "no") weighted 3-fold: at ~29 tokens the first stage still
+        # answered those from the wording.
+        Stage(
+            "default",
+            {
+                "seed": 3,
+                "batch_size": 3,
+                "micro_batch": 3,
+                "synth_scenes": 8000,
+                "synth_per_batch": 3,
+                "instruction_rate": 0.5,
+                "minority_repeat": 3,
+                "prompt_tokens": 16,
+                "prompt_lr": 2e-3,
+                "lora_rank": 16,
+                "lora_lr": 2e-4,
+                "train_dtype": "bfloat16",
+                "checkpoint_every": 10,
+                "log_every": 10,
+                "eval_images": 0,
+                "steps": 300,
+                "lr": 2e-4,
+                "warmup_steps": 10,
+                "reduce": "none:1,prumerge:3,prumerge+:1,visionzip@64:1",
+            },
+            init_from="reduce-1",
+            notes="more adaptive PruMerge, minority yes/no answers weighted: the default variant",
         ),
     ],
 }
