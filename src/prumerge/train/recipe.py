@@ -58,6 +58,23 @@ _BASE: dict[str, Any] = {
     "reduce": "none",
 }
 
+# The two reduction stages of the default variant share these: per step 3 easy-vqa training
+# images and 3 of 8,000 generated training scenes, 16 prompt embeddings, rank-16 LoRA.
+_REDUCE: dict[str, Any] = {
+    "batch_size": 3,
+    "micro_batch": 3,  # one forward/backward per 3 sequences: bounded activations
+    "synth_scenes": 8000,
+    "synth_per_batch": 3,
+    "instruction_rate": 0.5,
+    "prompt_tokens": 16,
+    "lora_rank": 16,
+    "lora_lr": 2e-4,
+    "train_dtype": "bfloat16",
+    "log_every": 10,
+    "eval_images": 0,
+    "steps": 300,
+}
+
 RECIPES: dict[str, list[Stage]] = {
     "default": [
         Stage(
@@ -117,21 +134,10 @@ RECIPES: dict[str, list[Stage]] = {
         Stage(
             "reduce-1",
             {
+                **_REDUCE,
                 "seed": 1,
-                "batch_size": 3,
-                "micro_batch": 3,  # one forward/backward per 3 sequences: bounded activations
-                "synth_scenes": 8000,
-                "synth_per_batch": 3,
-                "instruction_rate": 0.5,
-                "prompt_tokens": 16,
                 "prompt_lr": 3e-3,
-                "lora_rank": 16,
-                "lora_lr": 2e-4,
-                "train_dtype": "bfloat16",
                 "checkpoint_every": 20,
-                "log_every": 10,
-                "eval_images": 0,
-                "steps": 300,
                 "lr": 3e-4,
                 "warmup_steps": 20,
                 "reduce": "none:1,prumerge:2,prumerge+:1,visionzip@64:1",
@@ -145,22 +151,11 @@ RECIPES: dict[str, list[Stage]] = {
         Stage(
             "default",
             {
+                **_REDUCE,
                 "seed": 3,
-                "batch_size": 3,
-                "micro_batch": 3,
-                "synth_scenes": 8000,
-                "synth_per_batch": 3,
-                "instruction_rate": 0.5,
                 "minority_repeat": 3,
-                "prompt_tokens": 16,
                 "prompt_lr": 2e-3,
-                "lora_rank": 16,
-                "lora_lr": 2e-4,
-                "train_dtype": "bfloat16",
                 "checkpoint_every": 10,
-                "log_every": 10,
-                "eval_images": 0,
-                "steps": 300,
                 "lr": 2e-4,
                 "warmup_steps": 10,
                 "reduce": "none:1,prumerge:3,prumerge+:1,visionzip@64:1",
