@@ -58,7 +58,7 @@ _BASE: dict[str, Any] = {
     "reduce": "none",
 }
 
-# The two reduction stages of the default variant share these: per step 3 easy-vqa training
+# The three reduction stages of the default variant share these: per step 3 easy-vqa training
 # images and 3 of 8,000 generated training scenes, 16 prompt embeddings, rank-16 LoRA.
 _REDUCE: dict[str, Any] = {
     "batch_size": 3,
@@ -73,6 +73,17 @@ _REDUCE: dict[str, Any] = {
     "log_every": 10,
     "eval_images": 0,
     "steps": 300,
+}
+
+# The last two stages (reduce-2, default) differ only in seed and length.
+_FOCUS: dict[str, Any] = {
+    **_REDUCE,
+    "minority_repeat": 3,
+    "prompt_lr": 2e-3,
+    "checkpoint_every": 10,
+    "lr": 2e-4,
+    "warmup_steps": 10,
+    "reduce": "none:1,prumerge:3,prumerge+:1,visionzip@64:1",
 }
 
 RECIPES: dict[str, list[Stage]] = {
@@ -127,7 +138,7 @@ RECIPES: dict[str, list[Stage]] = {
             notes="easy-vqa's own yes/no distribution, lower rate: the base variant, the "
             "reference for training-free reduction",
         ),
-        # The default variant, in two stages: the base continued with reduction in the loop
+        # The default variant, in three stages: the base continued with reduction in the loop
         # and LoRA (rank 16, every linear layer of SmolLM2). Per step 3 easy-vqa training
         # images and 3 of 8,000 generated training scenes; each step draws one reduction from
         # the mixture.
@@ -147,21 +158,19 @@ RECIPES: dict[str, list[Stage]] = {
         ),
         # Adaptive PruMerge drawn half the time, and easy-vqa's minority yes/no answers
         # (plain "yes", negated "no") weighted 3-fold: at ~29 tokens the first stage still
-        # answered those from the wording.
+        # answered those from the wording. The last stage is the same again, shorter, with
+        # another seed.
+        Stage(
+            "reduce-2",
+            {**_FOCUS, "seed": 3},
+            init_from="reduce-1",
+            notes="more adaptive PruMerge, minority yes/no answers weighted",
+        ),
         Stage(
             "default",
-            {
-                **_REDUCE,
-                "seed": 3,
-                "minority_repeat": 3,
-                "prompt_lr": 2e-3,
-                "checkpoint_every": 10,
-                "lr": 2e-4,
-                "warmup_steps": 10,
-                "reduce": "none:1,prumerge:3,prumerge+:1,visionzip@64:1",
-            },
-            init_from="reduce-1",
-            notes="more adaptive PruMerge, minority yes/no answers weighted: the default variant",
+            {**_FOCUS, "seed": 4, "steps": 240},
+            init_from="reduce-2",
+            notes="reduce-2 continued with another seed: the default variant",
         ),
     ],
 }
