@@ -58,7 +58,7 @@ _BASE: dict[str, Any] = {
     "reduce": "none",
 }
 
-# The three reduction stages of the default variant share these: per step 3 easy-vqa training
+# The four reduction stages of the default variant share these: per step 3 easy-vqa training
 # images and 3 of 8,000 generated training scenes, 16 prompt embeddings, rank-16 LoRA.
 _REDUCE: dict[str, Any] = {
     "batch_size": 3,
@@ -75,7 +75,7 @@ _REDUCE: dict[str, Any] = {
     "steps": 300,
 }
 
-# The last two stages (reduce-2, default) differ only in seed and length.
+# The last three stages (reduce-2, reduce-3, default) differ only in seed and length.
 _FOCUS: dict[str, Any] = {
     **_REDUCE,
     "minority_repeat": 3,
@@ -138,7 +138,7 @@ RECIPES: dict[str, list[Stage]] = {
             notes="easy-vqa's own yes/no distribution, lower rate: the base variant, the "
             "reference for training-free reduction",
         ),
-        # The default variant, in three stages: the base continued with reduction in the loop
+        # The default variant, in four stages: the base continued with reduction in the loop
         # and LoRA (rank 16, every linear layer of SmolLM2). Per step 3 easy-vqa training
         # images and 3 of 8,000 generated training scenes; each step draws one reduction from
         # the mixture.
@@ -158,8 +158,8 @@ RECIPES: dict[str, list[Stage]] = {
         ),
         # Adaptive PruMerge drawn half the time, and easy-vqa's minority yes/no answers
         # (plain "yes", negated "no") weighted 3-fold: at ~29 tokens the first stage still
-        # answered those from the wording. The last stage is the same again, shorter, with
-        # another seed.
+        # answered those from the wording. The last two stages are the same again, shorter,
+        # each with another seed.
         Stage(
             "reduce-2",
             {**_FOCUS, "seed": 3},
@@ -167,10 +167,16 @@ RECIPES: dict[str, list[Stage]] = {
             notes="more adaptive PruMerge, minority yes/no answers weighted",
         ),
         Stage(
-            "default",
+            "reduce-3",
             {**_FOCUS, "seed": 4, "steps": 240},
             init_from="reduce-2",
-            notes="reduce-2 continued with another seed: the default variant",
+            notes="reduce-2 continued with another seed",
+        ),
+        Stage(
+            "default",
+            {**_FOCUS, "seed": 5, "steps": 150},
+            init_from="reduce-3",
+            notes="reduce-3 continued with another seed: the default variant",
         ),
     ],
 }
