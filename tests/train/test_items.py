@@ -66,6 +66,34 @@ def test_minority_repeat_weights_the_minority_cells_and_drops_nothing():
     assert others_tripled == others
 
 
+
+@pytest.mark.parametrize("wanted", ["", "color,shape", "relation"])
+def test_synth_questions_keep_only_the_types_asked_for(wanted):
+    from prumerge.data import synth
+
+    cfg = SimpleNamespace(
+        train_images=2,
+        synth_scenes=6,
+        synth_questions=wanted,
+        seed=1,
+        balance_yes_no=False,
+        minority_repeat=1,
+        instruction_rate=0.0,
+    )
+    items, num_easy = default_model_items(cfg, lambda _: None)
+    scenes = synth.generate(6, split="train", seed=1)
+    types = set(wanted.split(",")) if wanted else set(synth.QUESTION_TYPES)
+    expected = [
+        {(q.question, q.answer) for q in scene.questions if q.subtask in types}
+        for scene in scenes
+    ]
+    expected = [turns for turns in expected if turns]  # a scene with none of them is skipped
+    assert num_easy == 2
+    assert [set(turns) for _, turns in items[num_easy:]] == expected
+    if wanted == "color,shape":
+        assert len(expected) == 6 and all(len(turns) == 2 for turns in expected)
+
+
 def test_packing_refuses_an_image_with_no_turn():
     from tests.eval.tiny_model import build_processor
 

@@ -169,6 +169,11 @@ def test_mixture_errors_are_one_line(text, message):
         ({"reduce": "fastv"}, "inside the language model"),
         ({"train_projector": False}, "nothing to train"),
         ({"minority_repeat": 0}, "--minority-repeat must be a whole number >= 1"),
+        ({"synth_questions": "color"}, "--synth-questions needs --synth-scenes"),
+        (
+            {"synth_scenes": 4, "synth_per_batch": 1, "synth_questions": "color,colour"},
+            "--synth-questions: unknown question type 'colour'",
+        ),
         ({"minority_repeat": 2.5}, "--minority-repeat must be a whole number >= 1"),
         (
             {"model": "some/llava", "data": __file__, "packing": "chat", "minority_repeat": 2},

@@ -152,6 +152,13 @@ def register(subparsers) -> None:
         help="generated scenes per step, added to --batch-size easy-vqa images",
     )
     p.add_argument(
+        "--synth-questions",
+        default=d.synth_questions,
+        metavar="TYPES",
+        help="train only on these question types of the generated scenes, comma-separated, "
+        "e.g. color,shape (default: all)",
+    )
+    p.add_argument(
         "--prompt-tokens",
         type=int,
         default=d.prompt_tokens,
@@ -224,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         minority_repeat=args.minority_repeat,
         synth_scenes=args.synth_scenes,
         synth_per_batch=args.synth_per_batch,
+        synth_questions=args.synth_questions,
         prompt_tokens=args.prompt_tokens,
         prompt_lr=args.prompt_lr,
         reduce=args.reduce,

@@ -66,6 +66,9 @@ class TrainConfig:
     minority_repeat: int = 1
     synth_scenes: int = 0  # generated training scenes to mix in (prumerge.data.synth)
     synth_per_batch: int = 0  # of them, per step, on top of `batch_size` easy-vqa images
+    # Question types of the generated scenes to train on, comma-separated
+    # (prumerge.data.synth.QUESTION_TYPES); "": all of them.
+    synth_questions: str = ""
     # Learned prompt embeddings before the image (new vocabulary rows); 0: none.
     prompt_tokens: int = 0
     prompt_lr: float = 1e-2
@@ -155,6 +158,17 @@ def check_config(cfg: TrainConfig) -> None:
         raise PrumergeError("--instruction-rate must be between 0 and 1")
     if (cfg.synth_scenes > 0) != (cfg.synth_per_batch > 0):
         raise PrumergeError("give both --synth-scenes and --synth-per-batch, or neither")
+    if cfg.synth_questions:
+        from prumerge.data.synth import QUESTION_TYPES
+
+        if cfg.synth_scenes == 0:
+            raise PrumergeError("--synth-questions needs --synth-scenes")
+        unknown = [t for t in cfg.synth_questions.split(",") if t not in QUESTION_TYPES]
+        if unknown:
+            raise PrumergeError(
+                f"--synth-questions: unknown question type {unknown[0]!r}; choose from "
+                + ", ".join(QUESTION_TYPES)
+            )
     if cfg.packing not in ("isolated", "chat"):
         raise PrumergeError(f"unknown packing {cfg.packing!r}; choose 'isolated' or 'chat'")
     if cfg.train_dtype not in ("float32", "bfloat16"):

@@ -25,6 +25,9 @@ def open_image(path: str) -> Any:
 def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item], int]:
     """easy-vqa's training split, then generated scenes (train split, never the test split).
 
+    With ``synth_questions`` (comma-separated question types), a scene keeps only those
+    questions, and a scene left with none is skipped.
+
     Each image's turns are shuffled once with the seed; with ``balance_yes_no`` easy-vqa's
     yes/no turns are subsampled per (plain/negated, answer) cell, and an image left with no
     turn is skipped; with ``minority_repeat`` N, each easy-vqa yes/no turn of a minority cell
@@ -42,9 +45,16 @@ def default_model_items(cfg: Any, log: Callable[[str], None]) -> tuple[list[Item
     if cfg.synth_scenes > 0:
         from prumerge.data import synth
 
+        wanted = set(cfg.synth_questions.split(",")) if cfg.synth_questions else None
         for scene in synth.generate(cfg.synth_scenes, split="train", seed=cfg.seed):
             draw = functools.partial(synth.render, scene.objects, scene.config)
-            items.append((draw, [(q.question, q.answer) for q in scene.questions]))
+            scene_turns = [
+                (q.question, q.answer)
+                for q in scene.questions
+                if wanted is None or q.subtask in wanted
+            ]
+            if scene_turns:
+                items.append((draw, scene_turns))
     rng = random.Random(cfg.seed)
     rates: dict[tuple[bool, str], float] = {}
     minority: set[tuple[bool, str]] = set()
