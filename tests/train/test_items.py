@@ -66,7 +66,6 @@ def test_minority_repeat_weights_the_minority_cells_and_drops_nothing():
     assert others_tripled == others
 
 
-
 @pytest.mark.parametrize("wanted", ["", "color,shape", "relation"])
 def test_synth_questions_keep_only_the_types_asked_for(wanted):
     from prumerge.data import synth
@@ -84,8 +83,7 @@ def test_synth_questions_keep_only_the_types_asked_for(wanted):
     scenes = synth.generate(6, split="train", seed=1)
     types = set(wanted.split(",")) if wanted else set(synth.QUESTION_TYPES)
     expected = [
-        {(q.question, q.answer) for q in scene.questions if q.subtask in types}
-        for scene in scenes
+        {(q.question, q.answer) for q in scene.questions if q.subtask in types} for scene in scenes
     ]
     expected = [turns for turns in expected if turns]  # a scene with none of them is skipped
     assert num_easy == 2
