@@ -100,3 +100,15 @@ def test_packing_refuses_an_image_with_no_turn():
         encode_isolated_turns(processor, [], 4, lambda q: f"USER : <image> {q}", "</s>")
     with pytest.raises(PrumergeError, match="no question-answer turn"):
         encode_chat(processor, [], 4, lambda messages, prompt: "")
+
+
+def test_training_doc_lists_every_synth_question_type():
+    import re
+    from pathlib import Path
+
+    from prumerge.data.synth import QUESTION_TYPES
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    sentence = re.search(r"the\s+types are (.*?); default: all", doc, re.S)
+    assert sentence is not None
+    assert tuple(re.findall(r"`(\w+)`", sentence.group(1))) == QUESTION_TYPES
