@@ -140,16 +140,28 @@ def answer_errors(records, scenes) -> dict[str, dict[str, float]]:
 
 def report_answers(path: Path) -> None:
     """Print :func:`answer_errors` for one ``predictions.jsonl``."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"synth_probe: cannot read {path}: {error}") from None
+    records = [
+        r for r in records if r.get("task") == "synth" and r.get("subtask") in ("color", "shape")
+    ]
+    if not records:
+        raise SystemExit(f"synth_probe: {path} has no synth colour or shape answers")
     scenes = {}
     for record in records:
         scene_id = record["meta"]["scene"]
         if scene_id not in scenes:
             split, index = scene_id.split("-")[1:]
             scenes[scene_id] = generate_scene(int(index), split=split)
+    try:
+        table = answer_errors(records, scenes)
+    except ValueError as error:  # answers of scenes drawn with another seed or config
+        raise SystemExit(f"synth_probe: {error}") from None
     print(f"{path}: colour and shape questions")
     print("subtask | right  | wrong | wrong, naming another object of the scene | a random object")
-    for subtask, row in answer_errors(records, scenes).items():
+    for subtask, row in table.items():
         print(
             f"{subtask:7s} | {row['right']:.0f}/{row['n']:<4.0f}| {row['wrong']:5.0f} | "
             f"{row['wrong_in_scene']:41.0f} | {row['random_object']:.1f}%"
@@ -164,8 +176,6 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, help="analyse these synth answers instead")
     args = parser.parse_args()
     if args.predictions is not None:
-        if not args.predictions.is_file():
-            raise SystemExit(f"synth_probe: no such file: {args.predictions}")
         report_answers(args.predictions)
         return
 
