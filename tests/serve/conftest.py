@@ -36,7 +36,7 @@ ENCODED = [
     {"method": "pool", "keep": 64},
     {"method": "random", "keep": 64},
     {"method": "tome", "keep": 32},
-    {"method": "divprune", "keep": 32},
+    {"method": "divprune", "keep": 32, "space": "tower"},
 ]
 #: Methods run through the plugin's CLIP tower (vLLM's CLIPVisionModel) on a tiny random
 #: CLIP LLaVA, against the adapter on the same checkpoint.

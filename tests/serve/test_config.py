@@ -22,7 +22,8 @@ SERVABLE = {
     "pool": {"keep": 64},
     "random": {"keep": 64},
     "tome": {"keep": 64},
-    "divprune": {"keep": 64},
+    # The plugin reduces before its projector runs: DivPrune on the tower's features.
+    "divprune": {"keep": 64, "space": "tower"},
 }
 UNSERVABLE = {"fastv", "downsample"}
 
@@ -65,6 +66,7 @@ def test_text_values_are_typed_as_on_the_command_line():
         ({"method": "prumerge+", "keep": None}, "adaptive budget"),
         ({"method": "fastv", "keep": 64}, "inside the language model"),
         ({"method": "downsample", "keep": 64}, "resized image"),
+        ({"method": "divprune", "keep": 64}, "projector's outputs"),
         ({"method": "nope", "keep": 64}, "unknown method"),
         ({"method": "pool", "keep": 64, "knn": 3}, "does not take option"),
         ({"method": "pool", "keep": -1}, "keep"),

@@ -14,6 +14,11 @@ view's tokens, its high-res view's tokens, and one ``image_newline`` (the token 
 puts after a single-view image) in place of the per-row newlines. An image that no view
 reduces keeps the model's exact layout, so ``keep=N`` and ``none`` match the unpatched model.
 
+A method that selects on the projector's outputs (``feature_space="projected"``) gets the
+views laid out from the projected patches, as the model itself projects before it packs
+(OneVision shrinks large grids after the projector), with the tower features laid out the
+same way beside them; its tokens reach the LLM unprojected.
+
 Budgets (``apply(..., budget_per=...)``):
 
 - ``"image"`` (default): ``keep`` counts everything the LLM sees for the image, newline
@@ -37,7 +42,7 @@ from torch import nn
 from prumerge.adapters.base import Encoded, FamilyAdapter
 from prumerge.adapters.towers import ViTTower, execution_device
 from prumerge.errors import PrumergeError
-from prumerge.methods import Method, VisionInputs
+from prumerge.methods import Method, VisionInputs, projects_first
 from prumerge.ops import Reduction
 from prumerge.ops.select import budget_count, split_budget
 
@@ -47,7 +52,7 @@ class _View:
     """One grid of one image, before reduction (pre-projector channels)."""
 
     image: int
-    features: torch.Tensor  # (N, C)
+    features: torch.Tensor  # (N, C): tower features, or projected ones (N, H)
     keys: torch.Tensor | None  # (N, Ck)
     importance: torch.Tensor | None  # (N,)
     grid: tuple[int, int]
@@ -55,6 +60,7 @@ class _View:
     out: torch.Tensor | None = None  # (L, C) reduced
     anchors: torch.Tensor | None = None  # (L,) each token's patch in this view
     reduced: bool = False
+    tower_features: torch.Tensor | None = None  # (N, C) when ``features`` are projected
 
 
 class AnyresAdapter(FamilyAdapter):
@@ -134,12 +140,23 @@ class AnyresAdapter(FamilyAdapter):
         pixel_values, counts = self._pixels(images)
         out = self.tower.run(pixel_values)
         inputs = out.inputs
+        raw = inputs.features
+        raw_dtype = raw.dtype
         features = inputs.features  # (V, N, C)
+        tower_width = 0
+        if projects_first(self.method):
+            device = execution_device(self.projector)
+            projected = self.projector(features.to(device))  # (V, N, H)
+            tower_width = features.shape[-1]
+            parts = [projected.float(), features.to(device).float()]
+            features = projected
+        else:
+            device = features.device
+            parts = [features.float()]
         width = features.shape[-1]
         key_width = 0 if inputs.keys is None else inputs.keys.shape[-1]
-        parts = [features.float()]
         if inputs.keys is not None and inputs.cls_attn is not None:
-            parts += [inputs.keys.float(), inputs.cls_attn.float()[..., None]]
+            parts += [inputs.keys.to(device).float(), inputs.cls_attn.to(device).float()[..., None]]
         parts.append(torch.zeros_like(features[..., :1], dtype=torch.float32))  # marker
         stacked = torch.cat(parts, dim=-1)  # (V, N, C + Ck + 1 + 1)
         newline = torch.zeros(stacked.shape[-1], device=stacked.device)
@@ -157,16 +174,20 @@ class AnyresAdapter(FamilyAdapter):
                 grids.append((hires, (rows, cols)))
             for tokens, grid in grids:
                 has_attn = key_width > 0
+                rest = tokens[:, width + tower_width :]
                 views.append(
                     _View(
                         image=image,
                         features=tokens[:, :width].to(features.dtype),
-                        keys=tokens[:, width : width + key_width] if has_attn else None,
-                        importance=tokens[:, width + key_width] if has_attn else None,
+                        keys=rest[:, :key_width] if has_attn else None,
+                        importance=rest[:, key_width] if has_attn else None,
                         grid=grid,
+                        tower_features=tokens[:, width : width + tower_width].to(raw_dtype)
+                        if tower_width
+                        else None,
                     )
                 )
-        return views, features, counts
+        return views, raw, counts
 
     def _set_budgets(self, views: list[_View], tokens_in: list[int]) -> None:
         keep = getattr(self.method, "keep", None)
@@ -195,12 +216,17 @@ class AnyresAdapter(FamilyAdapter):
         reductions: list[Reduction] = []
         for (grid, budget), members in groups.items():
             has_attn = members[0].keys is not None
+            projected = members[0].tower_features is not None
             inputs = VisionInputs(
                 features=torch.stack([v.features for v in members]),
                 keys=torch.stack([v.keys for v in members]) if has_attn else None,  # type: ignore[misc]
                 cls_attn=torch.stack([v.importance for v in members]) if has_attn else None,  # type: ignore[misc]
                 grid=grid,
                 budget=budget,
+                space="projected" if projected else "tower",
+                tower_features=torch.stack([v.tower_features for v in members])  # type: ignore[misc]
+                if projected
+                else None,
             )
             reduction = self.method.reduce(inputs)
             reductions.append(reduction)
@@ -269,7 +295,8 @@ class AnyresAdapter(FamilyAdapter):
                 assert full is not None
                 result.append(full[image])
                 continue
-            own = [v.out for v in views if v.image == image]
-            tokens = projector(torch.cat(own).to(device))  # type: ignore[arg-type]
+            own = torch.cat([v.out for v in views if v.image == image])  # type: ignore[misc]
+            # Tokens of a projected-space method are the projector's outputs already.
+            tokens = own if projects_first(self.method) else projector(own.to(device))
             result.append(torch.cat([tokens, newline[None].to(tokens)]))
         return result

@@ -6,6 +6,8 @@ without [CLS] (``vision_feature_select_strategy="default"``; SigLIP, which has n
 "full"). DINOv2's register tokens reach the LLM unreduced, before the patches, as they do
 without reduction. Grid: the pixel grid over the patch size. Keys and importance: the
 ``ViTTower``'s. Reduced tokens: the projector's output, one run of placeholders per image.
+A method that selects on the projector's outputs (``feature_space="projected"``) gets every
+patch projected (the projector is per token) and its tokens go to the LLM as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prumerge.adapters.base import Encoded, FamilyAdapter, TokenStats, register_
 from prumerge.adapters.handle import Handle, apply
 from prumerge.adapters.towers import ViTTower, execution_device
 from prumerge.errors import PrumergeError
-from prumerge.methods import Method
+from prumerge.methods import Method, projects_first
 
 __all__ = ["Handle", "LlavaAdapter", "TokenStats", "apply"]
 
@@ -52,9 +54,23 @@ class LlavaAdapter(FamilyAdapter):
     def encode(self, images: dict[str, Any]) -> Encoded:
         pixel_values = self._pixels(images)
         out = self.tower.run(pixel_values)
-        reduction = self.method.reduce(out.inputs)
-        tokens = torch.cat([out.passthrough.to(reduction.tokens.dtype), reduction.tokens], dim=1)
-        projected = self.projector(tokens.to(execution_device(self.projector)))  # (I, R + K, H)
+        device = execution_device(self.projector)
+        if projects_first(self.method):
+            inputs = out.inputs
+            inputs.tower_features = inputs.features
+            inputs.features = self.projector(inputs.features.to(device))  # (I, N, H)
+            inputs.space = "projected"
+            if inputs.keys is not None and inputs.cls_attn is not None:
+                inputs.keys, inputs.cls_attn = inputs.keys.to(device), inputs.cls_attn.to(device)
+            reduction = self.method.reduce(inputs)
+            registers = self.projector(out.passthrough.to(device))  # (I, R, H)
+            projected = torch.cat([registers.to(reduction.tokens.dtype), reduction.tokens], dim=1)
+        else:
+            reduction = self.method.reduce(out.inputs)
+            tokens = torch.cat(
+                [out.passthrough.to(reduction.tokens.dtype), reduction.tokens], dim=1
+            )
+            projected = self.projector(tokens.to(device))  # (I, R + K, H)
         registers = out.passthrough.shape[1]
         lengths = (reduction.lengths + registers).tolist()
         if self.tower.resizes:  # a smaller image: its tokens take the first placeholders

@@ -2,7 +2,9 @@
 (``Qwen2VLForConditionalGeneration``): native-resolution images, no [CLS], M-RoPE.
 
 Patch tokens: the PatchMerger's output, one token per 2x2 group of ViT patches, in the raster
-order of the merged grid (h/2, w/2); reducing before the merger would break its groups.
+order of the merged grid (h/2, w/2); reducing before the merger would break its groups. The
+merger is the projector, so these are projected tokens for every method (``space="projected"``,
+no ``tower_features``), and methods that select on the projector's outputs need nothing more.
 Importance: the mean attention each ViT patch receives in the last full-attention block
 (Qwen2.5-VL's other blocks attend within windows only), recorded by scoped hooks on that
 block's attention and its fused ``qkv`` projection (rotary embeddings applied, as the block
@@ -117,7 +119,13 @@ class Qwen25VLAdapter(FamilyAdapter):
         llm_grids = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid.tolist()]
         for shape in dict.fromkeys(llm_grids):  # images of one grid shape go together
             members = [i for i, g in enumerate(llm_grids) if g == shape]
-            inputs = VisionInputs(features=torch.stack([per_image[i] for i in members]), grid=shape)
+            # The merger is the projector: every method, whatever its feature_space, sees
+            # its outputs, and they go to the LLM as the method returns them.
+            inputs = VisionInputs(
+                features=torch.stack([per_image[i] for i in members]),
+                grid=shape,
+                space="projected",
+            )
             if keys is not None and importance is not None:
                 inputs.keys = torch.stack([keys[i] for i in members])
                 inputs.cls_attn = torch.stack([importance[i] for i in members])

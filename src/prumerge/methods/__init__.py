@@ -16,12 +16,19 @@ Add a method with::
         def __init__(self, keep: int | float = 0.25): ...
         def reduce(self, inputs: VisionInputs) -> Reduction: ...
 
+A method that selects on the projector's outputs (DivPrune, CDPruner) sets
+``feature_space = "projected"`` (a class attribute, or per instance from an option): every
+adapter then projects all patches first, hands the method the projected tokens (and the
+tower features they came from, in ``VisionInputs.tower_features``), and sends the tokens it
+returns to the LLM without projecting them again.
+
 Every registered method is picked up by the registry-parametrised tests.
 """
 
 from prumerge.methods import builtin as _builtin  # noqa: F401  (registers the built-ins)
 from prumerge.methods import zoo as _zoo  # noqa: F401  (registers the peer methods)
 from prumerge.methods.base import (
+    FEATURE_SPACES,
     IMPORTANCE_CHOICES,
     METHODS,
     LanguageMethod,
@@ -31,10 +38,12 @@ from prumerge.methods.base import (
     build_method,
     method_names,
     option_defaults,
+    projects_first,
     register_method,
 )
 
 __all__ = [
+    "FEATURE_SPACES",
     "IMPORTANCE_CHOICES",
     "METHODS",
     "LanguageMethod",
@@ -44,5 +53,6 @@ __all__ = [
     "build_method",
     "method_names",
     "option_defaults",
+    "projects_first",
     "register_method",
 ]

@@ -18,15 +18,24 @@ from prumerge.ops.select import validate_keep
 #: without [CLS]); "auto", "cls" when the tower has a [CLS] token, else "mean".
 IMPORTANCE_CHOICES = ("auto", "cls", "mean")
 
+#: Where a vision-side method's tokens live (``VisionMethod.feature_space``): "tower", the
+#: vision tower's features before the projector (the adapter projects the tokens the method
+#: returns); "projected", the projector's outputs (the adapter projects every patch first,
+#: and the tokens the method returns go to the LLM as they are).
+FEATURE_SPACES = ("tower", "projected")
+
 
 @dataclass
 class VisionInputs:
     """What an adapter hands a vision-side method for one batch of views.
 
     Attributes:
-        features: (B, N, C) patch tokens of one view per row: the selected vision layer's
-            features (before the projector) on LLaVA-family models, the PatchMerger's output
-            on Qwen2-VL/2.5-VL.
+        features: (B, N, C) patch tokens of one view per row, in the space ``space`` names:
+            the selected vision layer's features (before the projector) on LLaVA-family
+            models, or, for methods whose ``feature_space`` is "projected", the projector's
+            outputs of those features (C is then the LLM's width); the PatchMerger's output
+            on Qwen2-VL/2.5-VL, whose merger is the projector (``space`` is "projected"
+            there for every method).
         keys: (B, N, Ck) keys of the attention layer the importance comes from (pooled over
             each PatchMerger group on Qwen), or None when the method does not need them.
         cls_attn: (B, N) the importance of every patch: the [CLS] attention (multi-head mean,
@@ -37,6 +46,11 @@ class VisionInputs:
         budget: an exact output count for every row, set by adapters that split one
             per-image budget over several views (LLaVA-NeXT, LLaVA-OneVision); it overrides
             the method's own ``keep``. None: the method's ``keep`` applies.
+        space: "tower" or "projected" (``FEATURE_SPACES``): what ``features`` holds.
+        tower_features: (B, N, Ct) with ``space="projected"``: the tower features the
+            projector turned into ``features``, patch for patch (methods that need both, such
+            as CDPruner, read them here); None where the family has no per-token tower
+            features (Qwen's merger pools 2x2 ViT patches) or ``space`` is "tower".
     """
 
     features: torch.Tensor
@@ -44,6 +58,8 @@ class VisionInputs:
     cls_attn: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
     budget: int | None = None
+    space: str = "tower"
+    tower_features: torch.Tensor | None = None
 
     @property
     def importance(self) -> torch.Tensor | None:
@@ -85,6 +101,9 @@ class VisionMethod(Method):
     #: The adapter runs the vision tower on resized images (``target_grid``) instead of
     #: reducing its output (the ``downsample`` baseline).
     resizes_input: ClassVar[bool] = False
+    #: "tower" or "projected" (``FEATURE_SPACES``): the space of the tokens the method
+    #: selects from and returns. A method may set it per instance (an option).
+    feature_space: str = "tower"
 
     def budget_for(self, inputs: VisionInputs) -> Any:
         """The budget for these inputs: the adapter's exact count if it set one, else ``keep``."""
@@ -115,6 +134,18 @@ class LanguageMethod(Method):
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         return full_reduction(inputs.features)
+
+
+def projects_first(method: Method) -> bool:
+    """True when ``method`` selects on the projector's outputs (``feature_space="projected"``):
+    the adapter then projects every patch before the method runs, and not after."""
+    space = getattr(method, "feature_space", "tower")
+    if space not in FEATURE_SPACES:
+        raise ValueError(
+            f"method {method.name!r} has feature_space={space!r}; expected one of "
+            f"{', '.join(map(repr, FEATURE_SPACES))}"
+        )
+    return space == "projected"
 
 
 def option_defaults(cls: type[Method]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ count, or a float ratio of the N patches), and returns all N tokens unchanged wh
 from __future__ import annotations
 
 from prumerge.methods.base import (
+    FEATURE_SPACES,
     IMPORTANCE_CHOICES,
     VisionInputs,
     VisionMethod,
@@ -176,12 +177,15 @@ class DivPrune(VisionMethod):
     Multimodal Models", CVPR 2025, arXiv 2503.02175).
 
     Greedy max-min diverse subset of the patches under cosine distance, starting from the most
-    isolated patch. It runs on the pre-projector features here (the paper uses the LLM's input
-    embeddings). See ``prumerge.ops.divprune``.
+    isolated patch. As in the released code, it selects on the projector's outputs (the LLM's
+    input embeddings: ``space="projected"``); ``space="tower"`` selects on the tower's
+    features before the projector instead. See ``prumerge.ops.divprune``.
     """
 
-    def __init__(self, keep: int | float = 64) -> None:
+    def __init__(self, keep: int | float = 64, space: str = "projected") -> None:
         self.keep = check_keep(keep)
+        self.space = check_choice("space", space, FEATURE_SPACES)
+        self.feature_space = self.space
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         return divprune(inputs.features, keep=self.budget_for(inputs))

@@ -69,6 +69,7 @@ def parse_serve_config(value: Any) -> ServeConfig:
             f"the {CONFIG_KEY!r} config must be a dict with a 'method' name, e.g. "
             f'{{"method": "prumerge+", "keep": 64}}; got {value!r}'
         )
+    from prumerge.methods import projects_first
     from prumerge.runtime import coerce_options, make_method
 
     name = value["method"]
@@ -87,6 +88,11 @@ def parse_serve_config(value: Any) -> ServeConfig:
         raise PrumergeError(
             f"method {config.method!r} runs the vision tower on a resized image, which the vLLM "
             f"plugin does not do; serve a method that reduces the tower's tokens"
+        )
+    if projects_first(method):
+        raise PrumergeError(
+            f"method {config.method!r} selects on the projector's outputs, which the vLLM "
+            f"plugin does not compute before reducing; serve it with space='tower'"
         )
     if "keep" in method.options() and method.options()["keep"] is None:
         raise PrumergeError(
