@@ -38,16 +38,22 @@ ENCODED = [
     {"method": "tome", "keep": 32},
     {"method": "divprune", "keep": 32, "space": "tower"},
 ]
-#: Methods run through the plugin's CLIP tower (vLLM's CLIPVisionModel) on a tiny random
-#: CLIP LLaVA, against the adapter on the same checkpoint.
-CLIP_METHODS = [
-    {"method": "prumerge", "keep": 8},
-    {"method": "prumerge+", "keep": 12},
-    {"method": "visionzip", "keep": 8},
-    {"method": "cls_topk", "keep": 8},
-    {"method": "tome", "keep": 8},
-    {"method": "pool", "keep": 9},
-    {"method": "none"},
+#: Methods run through the plugin's vLLM towers (vLLM's CLIPVisionModel and
+#: SiglipVisionModel, run layer by layer) on tiny random LLaVAs with those towers, against
+#: the adapter on the same checkpoints: (tower, method config).
+TOWER_METHODS = [
+    ("clip", {"method": "prumerge", "keep": 8}),
+    ("clip", {"method": "prumerge+", "keep": 12}),
+    ("clip", {"method": "visionzip", "keep": 8}),
+    ("clip", {"method": "cls_topk", "keep": 8}),
+    ("clip", {"method": "tome", "keep": 8}),
+    ("clip", {"method": "pool", "keep": 9}),
+    ("clip", {"method": "none"}),
+    ("clip", {"method": "prumerge", "importance": "mean", "keep": 8}),
+    # SigLIP has no [CLS]: the adapters' mean attention received, the plugin's too.
+    ("siglip", {"method": "prumerge", "keep": 8}),
+    ("siglip", {"method": "visionzip", "keep": 8}),
+    ("siglip", {"method": "pool", "keep": 9}),
 ]
 NUM_QUESTIONS = 24
 MAX_TOKENS = 8
@@ -66,9 +72,38 @@ class EngineRun:
     image_token_id: int
     encoded_vllm: list[list[Any]] | None  # per ENCODED config, per image: (K, H) tensors
     encoded_hf: list[list[Any]]
-    clip_vllm: list[dict[str, Any]]  # per CLIP_METHODS config: tokens, lengths, index, layers
-    clip_hf: list[Any]  # per CLIP_METHODS config: the adapter's Reduction
-    clip_config: Any  # the tiny CLIP LLaVA's config
+    tower_vllm: list[dict[str, Any]]  # per TOWER_METHODS case: tokens, lengths, index, layers
+    tower_hf: list[Any]  # per TOWER_METHODS case: the adapter's Reduction
+    tower_configs: dict[str, Any]  # the tiny LLaVAs' configs, by tower
+
+
+def tiny_tower_llava(tower: str) -> Any:
+    """A tiny random LLaVA with a CLIP or a SigLIP tower (SigLIP: no [CLS], strategy "full")."""
+    from tests.adapters.conftest import tiny_llava
+
+    if tower == "clip":
+        return tiny_llava("clip")
+    import torch
+    from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
+
+    base = tiny_llava("clip").config
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=base.vision_config.image_size,
+        patch_size=base.vision_config.patch_size,
+    )
+    base.vision_config = vision
+    base.vision_feature_select_strategy = "full"
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(base).eval()
+    with torch.no_grad():  # peaked attention, as in trained towers
+        for module in model.model.vision_tower.modules():
+            if hasattr(module, "q_proj") and isinstance(module.q_proj, torch.nn.Linear):
+                module.q_proj.weight.mul_(6.0)
+    return model
 
 
 def _vllm_available() -> str | None:
@@ -118,18 +153,19 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
             "out": str(work / "encoded.pt"),
         },
     }
-    # A tiny random LLaVA with a CLIP tower, for the plugin's CLIP path.
-    from tests.adapters.conftest import tiny_llava, varied_images
+    # Tiny random LLaVAs with CLIP and SigLIP towers, for the plugin's vLLM tower paths.
+    from tests.adapters.conftest import varied_images
 
-    clip_model = tiny_llava("clip")
-    clip_model.save_pretrained(str(work / "tiny-clip"))
-    clip_pixels = varied_images()
-    torch.save(clip_pixels, work / "clip-pixels.pt")
-    spec["clip"] = {
-        "checkpoint": str(work / "tiny-clip"),
-        "pixels": str(work / "clip-pixels.pt"),
-        "configs": CLIP_METHODS,
-        "out": str(work / "clip.pt"),
+    tower_models = {tower: tiny_tower_llava(tower) for tower in ("clip", "siglip")}
+    tower_pixels = varied_images()
+    torch.save(tower_pixels, work / "tower-pixels.pt")
+    for tower, tower_model in tower_models.items():
+        tower_model.save_pretrained(str(work / f"tiny-{tower}"))
+    spec["towers"] = {
+        "checkpoints": {tower: str(work / f"tiny-{tower}") for tower in tower_models},
+        "pixels": str(work / "tower-pixels.pt"),
+        "cases": TOWER_METHODS,
+        "out": str(work / "towers.pt"),
     }
     (work / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -162,12 +198,13 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
         with prumerge.apply(model, config["method"], **options) as handle, torch.inference_mode():
             encoded_hf.append([t.float().clone() for t in handle.encode_images(pixels)])
 
-    clip_hf = []
-    for config in CLIP_METHODS:
+    tower_hf = []
+    for tower, config in TOWER_METHODS:
         options = {k: v for k, v in config.items() if k != "method"}
-        with prumerge.apply(clip_model, config["method"], **options) as handle, torch.no_grad():
-            handle.encode_images(clip_pixels)
-        clip_hf.append(handle.last_reduction)
+        tower_model = tower_models[tower]
+        with prumerge.apply(tower_model, config["method"], **options) as handle, torch.no_grad():
+            handle.encode_images(tower_pixels)
+        tower_hf.append(handle.last_reduction)
 
     log, _ = engine.communicate(timeout=900)
     if engine.returncode != 0:
@@ -189,7 +226,7 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
         image_token_id=model.config.image_token_id,
         encoded_vllm=encoded_vllm,
         encoded_hf=encoded_hf,
-        clip_vllm=torch.load(work / "clip.pt"),
-        clip_hf=clip_hf,
-        clip_config=clip_model.config,
+        tower_vllm=torch.load(work / "towers.pt"),
+        tower_hf=tower_hf,
+        tower_configs={tower: m.config for tower, m in tower_models.items()},
     )

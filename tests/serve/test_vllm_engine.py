@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from prumerge.methods import build_method
-from prumerge.serve.vision import tower_layout
-from tests.serve.conftest import CLIP_METHODS, ENCODED, MAX_TOKENS, NUM_QUESTIONS, SERVED, EngineRun
+from prumerge.serve.vision import layers_needed, layout_of
+from tests.serve.conftest import (
+    ENCODED,
+    MAX_TOKENS,
+    NUM_QUESTIONS,
+    SERVED,
+    TOWER_METHODS,
+    EngineRun,
+)
 
 
 def test_vllm_answers_equal_the_hugging_face_path(engine_run: EngineRun):
@@ -53,15 +60,19 @@ def test_served_tokens_equal_the_adapter_tokens(engine_run: EngineRun, index: in
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("index", range(len(CLIP_METHODS)), ids=[str(c) for c in CLIP_METHODS])
-def test_clip_tower_keeps_the_adapters_tokens(engine_run: EngineRun, index: int):
-    """vLLM's CLIP, unrolled layer by layer for the q/k, reduces like the adapter's HF CLIP."""
-    served, adapter = engine_run.clip_vllm[index], engine_run.clip_hf[index]
+@pytest.mark.parametrize(
+    "index", range(len(TOWER_METHODS)), ids=[f"{t}-{c}" for t, c in TOWER_METHODS]
+)
+def test_vllm_towers_keep_the_adapters_tokens(engine_run: EngineRun, index: int):
+    """vLLM's CLIP and SigLIP, unrolled layer by layer for the q/k, reduce like the adapter's
+    Hugging Face towers."""
+    served, adapter = engine_run.tower_vllm[index], engine_run.tower_hf[index]
     assert served["lengths"].tolist() == adapter.lengths.tolist()
     assert torch.equal(served["index"], adapter.index)
     torch.testing.assert_close(served["tokens"], adapter.tokens, rtol=1e-4, atol=1e-5)
     # Built up to the deepest layer read: PruMerge's attention layer is one past the features.
-    config = CLIP_METHODS[index]
+    tower, config = TOWER_METHODS[index]
     method = build_method(config["method"], **{k: v for k, v in config.items() if k != "method"})
-    layout = tower_layout(engine_run.clip_config, method)
-    assert served["layers_built"] == layout.layers_needed
+    assert served["layers_built"] == layers_needed(
+        layout_of(engine_run.tower_configs[tower], method)
+    )

@@ -25,7 +25,7 @@ def encode_with_methods(model, pixel_path: str, configs: list[dict], out_path: s
     import torch
 
     from prumerge.serve.config import parse_serve_config
-    from prumerge.serve.vllm.model import layout_of
+    from prumerge.serve.vision import layout_of
 
     pixel_values = torch.load(pixel_path)
     served = (model.reduction_method, model.layout)
@@ -43,15 +43,16 @@ def encode_with_methods(model, pixel_path: str, configs: list[dict], out_path: s
     return len(results)
 
 
-def encode_with_clip_tower(
-    model, checkpoint: str, pixel_path: str, configs: list[dict], out_path: str
+def encode_with_towers(
+    model, checkpoints: dict[str, str], pixel_path: str, cases: list, out_path: str
 ) -> int:
-    """Inside the engine's worker: the plugin's CLIP tower (vLLM's CLIPVisionModel, run layer
-    by layer) for a LLaVA checkpoint with a CLIP tower, reduced by each listed method.
+    """Inside the engine's worker: the plugin's vLLM towers (vLLM's CLIPVisionModel and
+    SiglipVisionModel, run layer by layer) for LLaVA checkpoints with those towers, reduced
+    by each listed method.
 
-    The default model served by the engine has a DINOv2 tower, and no CLIP weights install
-    offline; this builds the CLIP tower the plugin would build for ``checkpoint`` (a tiny
-    random LLaVA) beside it, loads its weights with vLLM's loader and saves the reductions.
+    The default model served by the engine has a DINOv2 tower, and no CLIP or SigLIP weights
+    install offline; this builds the tower the plugin would build for each checkpoint (tiny
+    random LLaVAs) beside it, loads its weights with vLLM's loader and saves the reductions.
     """
     import torch
     from safetensors.torch import load_file
@@ -61,20 +62,20 @@ def encode_with_clip_tower(
     from vllm.model_executor.models.utils import AutoWeightsLoader
 
     from prumerge.serve.config import parse_serve_config
-    from prumerge.serve.vision import reduce_patches
-    from prumerge.serve.vllm.model import layout_of
+    from prumerge.serve.vision import layout_of, reduce_patches
     from prumerge.serve.vllm.towers import build_tower, run_tower, tower_kind, tower_weights_mapper
 
-    config = LlavaConfig.from_pretrained(checkpoint)
-    kind = tower_kind(config.vision_config)
-    assert kind == "clip"
-    state = load_file(os.path.join(checkpoint, "model.safetensors"))
-    # The tower's weights, named as in the checkpoint; the plugin's own mapper renames them.
-    tower_state = [(name, tensor) for name, tensor in state.items() if "vision_tower." in name]
-    mapper = tower_weights_mapper(kind) | model.hf_to_vllm_mapper
     pixel_values = torch.load(pixel_path)
     results = []
-    for served in configs:
+    for tower_name, served in cases:
+        checkpoint = checkpoints[tower_name]
+        config = LlavaConfig.from_pretrained(checkpoint)
+        kind = tower_kind(config.vision_config)
+        assert kind == tower_name
+        state = load_file(os.path.join(checkpoint, "model.safetensors"))
+        # The tower's weights, named as in the checkpoint; the plugin's own mapper renames them.
+        tower_state = [(name, tensor) for name, tensor in state.items() if "vision_tower." in name]
+        mapper = tower_weights_mapper(kind) | model.hf_to_vllm_mapper
         method = parse_serve_config(served).build()
         layout = layout_of(config, method)
         # vLLM's layers read the current config when built; the defaults suit a lone tower.
@@ -90,8 +91,10 @@ def encode_with_clip_tower(
             if quant_method is not None:
                 quant_method.process_weights_after_loading(module)
         with torch.inference_mode():
-            hidden, q, k = run_tower(tower, "clip", layout, pixel_values)
-            reduction = reduce_patches(method, layout, hidden, tuple(pixel_values.shape[-2:]), q, k)
+            hidden, q, k = run_tower(tower, kind, layout, pixel_values)
+            reduction, _ = reduce_patches(
+                method, layout, hidden, tuple(pixel_values.shape[-2:]), q, k
+            )
         results.append(
             {
                 "layers_built": len(tower.vision_model.encoder.layers),
@@ -158,16 +161,16 @@ def main(spec_path: str, result_path: str) -> None:
             out_path=encode["out"],
         )
         result["encoded"] = llm.apply_model(run)[0]
-    clip = spec.get("clip")
-    if clip:
+    towers = spec.get("towers")
+    if towers:
         run = functools.partial(
-            encode_with_clip_tower,
-            checkpoint=clip["checkpoint"],
-            pixel_path=clip["pixels"],
-            configs=clip["configs"],
-            out_path=clip["out"],
+            encode_with_towers,
+            checkpoints=towers["checkpoints"],
+            pixel_path=towers["pixels"],
+            cases=towers["cases"],
+            out_path=towers["out"],
         )
-        result["clip_encoded"] = llm.apply_model(run)[0]
+        result["towers_encoded"] = llm.apply_model(run)[0]
     with open(result_path, "w") as handle:
         json.dump(result, handle)
 

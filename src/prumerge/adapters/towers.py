@@ -102,53 +102,185 @@ class TowerOutput:
     passthrough: torch.Tensor
 
 
+#: The transformers class of each tower ``model_type``: for callers that hold a config and
+#: run their own tower module (the serving engine), so that they get the same layout.
+TOWER_CLASSES = {
+    "clip_vision_model": "CLIPVisionModel",
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "siglip_vision_model": "SiglipVisionModel",
+}
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """Where a LLaVA-family tower's patch tokens and attention come from, for one method.
+
+    Attributes:
+        label: the tower's name in messages ("CLIP").
+        has_cls: whether the tower prepends a [CLS] token.
+        feature_layer: index into the hidden states (0 = the embeddings) of the features the
+            projector reads.
+        attention_layer: encoder layer whose q/k give the keys and importance, or None when
+            the method reads no attention.
+        importance: ``"cls"``, ``"mean"`` or None (no attention read).
+        num_prefix_tokens: leading non-patch tokens of the hidden states ([CLS], registers).
+        num_passthrough: of those, the tokens sent to the LLM unreduced (DINOv2's registers).
+        num_heads: attention heads of the tower.
+        patch_size: pixels per patch side.
+    """
+
+    label: str
+    has_cls: bool
+    feature_layer: int
+    attention_layer: int | None
+    importance: str | None
+    num_prefix_tokens: int
+    num_passthrough: int
+    num_heads: int
+    patch_size: int
+
+
+def tower_layout(config: Any, method: Method, tower_class: str) -> TowerLayout:
+    """Derive the layer indices and token counts of a LLaVA config for ``method``.
+
+    Args:
+        config: the model's config (``vision_config``, ``vision_feature_layer``,
+            ``vision_feature_select_strategy``).
+        method: the reduction method.
+        tower_class: the tower's transformers class name (``TOWER_CLASSES`` maps a config's
+            ``model_type`` to it).
+
+    Raises:
+        PrumergeError: for an unsupported tower, feature layer or select strategy, or a
+            method whose attention this tower cannot give.
+    """
+    has_cls = tower_class in CLS_TOWERS
+    if not has_cls and tower_class not in NO_CLS_TOWERS:
+        raise PrumergeError(
+            f"vision tower {tower_class} is not supported; supported: "
+            f"{tower_names(CLS_TOWERS)}, {tower_names(NO_CLS_TOWERS)}"
+        )
+    label = CLS_TOWERS.get(tower_class) or NO_CLS_TOWERS[tower_class]
+    vision = config.vision_config
+    strategy = config.vision_feature_select_strategy
+    if has_cls and strategy != "default":
+        raise PrumergeError(
+            f"vision_feature_select_strategy={strategy!r} is not handled with a [CLS] tower; "
+            f"supported: 'default' (patch tokens without [CLS])"
+        )
+    if not has_cls and strategy != "full":
+        raise PrumergeError(
+            f"vision_feature_select_strategy={strategy!r} drops the first token, but {label} "
+            f"has no [CLS] token; supported: 'full'"
+        )
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise PrumergeError(
+            f"vision_feature_layer={layer!r} is not handled; supported: a single int layer"
+        )
+    num_layers = vision.num_hidden_layers
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise PrumergeError(
+            f"vision_feature_layer={layer} is out of range for a {num_layers}-layer tower"
+        )
+    # hidden_states has num_layers + 1 entries: the embeddings, then each layer's output.
+    feature_layer = layer % (num_layers + 1)
+    registers = getattr(vision, "num_register_tokens", 0) or 0
+    importance = resolve_importance(method, has_cls, label)
+    attention_layer = None
+    if importance is not None:
+        # PruMerge reads the layer that consumes the selected features (the released code's
+        # layer 23 of 24 for vision_feature_layer=-2); VisionZip the layer that produces them.
+        source = getattr(method, "attention_source", "consumer")
+        if source == "consumer" and feature_layer >= num_layers:
+            if importance == "cls":
+                raise PrumergeError(
+                    f"vision_feature_layer={layer} is the tower's last output: no encoder layer "
+                    f"consumes it, so there is no [CLS] attention to use; supported: "
+                    f"-{num_layers + 1} to -2 (LLaVA-1.5 uses -2), or importance='mean'"
+                )
+            source = "producer"  # the mean attention of the layer that made the features
+        attention_layer = feature_layer if source == "consumer" else feature_layer - 1
+        if attention_layer < 0:
+            raise PrumergeError(
+                f"vision_feature_layer={layer} selects the embeddings: no encoder layer "
+                f"produces them, so {method.name} has no attention to use"
+            )
+    return TowerLayout(
+        label=label,
+        has_cls=has_cls,
+        feature_layer=feature_layer,
+        attention_layer=attention_layer,
+        importance=importance,
+        # Hidden states hold [CLS], registers, patches (CLS towers) or patches only (SigLIP);
+        # the model keeps everything after [CLS], so registers reach the LLM as they are.
+        num_prefix_tokens=(1 + registers) if has_cls else 0,
+        num_passthrough=registers,
+        num_heads=vision.num_attention_heads,
+        patch_size=vision.patch_size,
+    )
+
+
+def tower_inputs(
+    layout: TowerLayout,
+    method: Method,
+    hidden: torch.Tensor,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    grid: tuple[int, int],
+) -> TowerOutput:
+    """The method's inputs from what the tower computed, however it was run.
+
+    Args:
+        layout: from ``tower_layout``.
+        method: the reduction method.
+        hidden: (V, P + N, C) hidden states of ``layout.feature_layer``, prefix tokens first.
+        q: (V, P + N, C) query projections of ``layout.attention_layer`` (None without one).
+        k: (V, P + N, C) key projections of the same layer.
+        grid: (rows, cols) of the patch grid.
+    """
+    prefix = layout.num_prefix_tokens
+    features = hidden[:, prefix:]
+    passthrough = hidden[:, prefix - layout.num_passthrough : prefix]
+    rows, cols = grid
+    inputs = VisionInputs(
+        features=features, grid=grid if rows * cols == features.shape[1] else None
+    )
+    if layout.importance is not None:
+        if q is None or k is None:
+            raise PrumergeError(f"{method.name} needs the q/k of the attention layer")
+        inputs.keys = k[:, prefix:]
+        if layout.importance == "cls":
+            inputs.cls_attn = cls_attention(
+                q,
+                k,
+                num_heads=layout.num_heads,
+                num_prefix_tokens=prefix,
+                mode=getattr(method, "attention_mode", "multihead"),
+            )
+        else:
+            inputs.cls_attn = mean_attention(
+                q, k, num_heads=layout.num_heads, num_prefix_tokens=prefix
+            )
+    return TowerOutput(inputs=inputs, passthrough=passthrough)
+
+
 class ViTTower:
     """How to read patch tokens, keys and importance off one LLaVA-family vision tower."""
 
     def __init__(self, tower: nn.Module, config: Any, method: Method) -> None:
         self.tower = tower
-        name = type(tower).__name__
-        self.has_cls = name in CLS_TOWERS
-        if not self.has_cls and name not in NO_CLS_TOWERS:
-            raise PrumergeError(
-                f"vision tower {name} is not supported; supported: "
-                f"{tower_names(CLS_TOWERS)}, {tower_names(NO_CLS_TOWERS)}"
-            )
-        label = CLS_TOWERS.get(name) or NO_CLS_TOWERS[name]
-        vision = config.vision_config
-        strategy = config.vision_feature_select_strategy
-        if self.has_cls and strategy != "default":
-            raise PrumergeError(
-                f"vision_feature_select_strategy={strategy!r} is not handled with a [CLS] tower; "
-                f"supported: 'default' (patch tokens without [CLS])"
-            )
-        if not self.has_cls and strategy != "full":
-            raise PrumergeError(
-                f"vision_feature_select_strategy={strategy!r} drops the first token, but {label} "
-                f"has no [CLS] token; supported: 'full'"
-            )
-        layer = config.vision_feature_layer
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise PrumergeError(
-                f"vision_feature_layer={layer!r} is not handled; supported: a single int layer"
-            )
-        num_layers = vision.num_hidden_layers
-        if not -(num_layers + 1) <= layer <= num_layers:
-            raise PrumergeError(
-                f"vision_feature_layer={layer} is out of range for a {num_layers}-layer tower"
-            )
-        # hidden_states has num_layers + 1 entries: the embeddings, then each layer's output.
-        self.feature_layer = layer % (num_layers + 1)
-        registers = getattr(vision, "num_register_tokens", 0) or 0
-        # Hidden states hold [CLS], registers, patches (CLS towers) or patches only (SigLIP);
-        # the model keeps everything after [CLS], so registers reach the LLM as they are.
-        self.num_prefix_tokens = (1 + registers) if self.has_cls else 0
-        self.num_passthrough = registers
-        self.num_heads = vision.num_attention_heads
-        self.patch_size = vision.patch_size
-        self.image_size = vision.image_size
-        self.label = label
-        self.importance = resolve_importance(method, self.has_cls, label)
+        self.layout = layout = tower_layout(config, method, type(tower).__name__)
+        self.has_cls = layout.has_cls
+        self.feature_layer = layout.feature_layer
+        self.num_prefix_tokens = layout.num_prefix_tokens
+        self.num_passthrough = layout.num_passthrough
+        self.num_heads = layout.num_heads
+        self.patch_size = layout.patch_size
+        self.image_size = config.vision_config.image_size
+        self.label = layout.label
+        self.importance = layout.importance
         self.resizes = isinstance(method, VisionMethod) and method.resizes_input
         if self.resizes and self.num_passthrough:
             raise PrumergeError(f"{method.name} does not support towers with register tokens")
@@ -157,28 +289,10 @@ class ViTTower:
         )
         self.method = method
         self.query = self.key = None
-        if self.importance is not None:
-            self._find_attention(num_layers, layer, method)
+        if layout.attention_layer is not None:
+            self._find_attention(layout.attention_layer)
 
-    def _find_attention(self, num_layers: int, layer: int, method: Method) -> None:
-        index = self.feature_layer
-        # PruMerge reads the layer that consumes the selected features (the released code's
-        # layer 23 of 24 for vision_feature_layer=-2); VisionZip the layer that produces them.
-        source = getattr(method, "attention_source", "consumer")
-        if source == "consumer" and index >= num_layers:
-            if self.importance == "cls":
-                raise PrumergeError(
-                    f"vision_feature_layer={layer} is the tower's last output: no encoder layer "
-                    f"consumes it, so there is no [CLS] attention to use; supported: "
-                    f"-{num_layers + 1} to -2 (LLaVA-1.5 uses -2), or importance='mean'"
-                )
-            source = "producer"  # the mean attention of the layer that made the features
-        attention_layer = index if source == "consumer" else index - 1
-        if attention_layer < 0:
-            raise PrumergeError(
-                f"vision_feature_layer={layer} selects the embeddings: no encoder layer "
-                f"produces them, so {method.name} has no attention to use"
-            )
+    def _find_attention(self, attention_layer: int) -> None:
         modules = dict(self.tower.named_modules())
         layers = next((modules[n] for n in modules if n.endswith(_LAYER_LISTS)), None)
         if not isinstance(layers, nn.ModuleList):
@@ -215,24 +329,6 @@ class ViTTower:
         with capture({"q": self.query, "k": self.key}) as captured:
             outputs = tower(pixel_values, output_hidden_states=True, return_dict=True, **extra)
         hidden = outputs.hidden_states[self.feature_layer]  # (V, P + N, C)
-        prefix = self.num_prefix_tokens
-        features = hidden[:, prefix:]
-        passthrough = hidden[:, prefix - self.num_passthrough : prefix]
-        grid = (rows, cols) if rows * cols == features.shape[1] else None
-        inputs = VisionInputs(features=features, grid=grid)
-        if self.importance is not None:
-            q, k = captured["q"], captured["k"]
-            inputs.keys = k[:, prefix:]
-            if self.importance == "cls":
-                inputs.cls_attn = cls_attention(
-                    q,
-                    k,
-                    num_heads=self.num_heads,
-                    num_prefix_tokens=prefix,
-                    mode=getattr(self.method, "attention_mode", "multihead"),  # type: ignore[arg-type]
-                )
-            else:
-                inputs.cls_attn = mean_attention(
-                    q, k, num_heads=self.num_heads, num_prefix_tokens=prefix
-                )
-        return TowerOutput(inputs=inputs, passthrough=passthrough)
+        return tower_inputs(
+            self.layout, self.method, hidden, captured.get("q"), captured.get("k"), (rows, cols)
+        )

@@ -51,7 +51,6 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from prumerge.errors import PrumergeError
-from prumerge.methods import VisionMethod
 from prumerge.serve.config import (
     ARCHITECTURE,
     CONFIG_KEY,
@@ -59,7 +58,7 @@ from prumerge.serve.config import (
     output_count,
     parse_serve_config,
 )
-from prumerge.serve.vision import TowerLayout, reduce_patches, tower_layout
+from prumerge.serve.vision import layout_of, reduce_patches
 from prumerge.serve.vllm.towers import build_tower, run_tower, tower_kind, tower_weights_mapper
 
 
@@ -73,11 +72,6 @@ def serve_config_of(hf_config) -> ServeConfig:
             f'"{CONFIG_KEY}": {{"method": "prumerge+", "keep": 64}}}}\''
         )
     return parse_serve_config(value)
-
-
-def layout_of(hf_config, method: VisionMethod) -> TowerLayout:
-    kind = tower_kind(hf_config.vision_config)
-    return tower_layout(hf_config, method, has_cls=kind != "siglip")
 
 
 # -- processing: K placeholders per image --------------------------------------------------
@@ -113,7 +107,8 @@ class PrumergeLlavaProcessingInfo(BaseProcessingInfo):
         layout = layout_of(hf_config, method)
         height, width = self.pixel_size
         rows, cols = height // layout.patch_size, width // layout.patch_size
-        return output_count(method, rows * cols, (rows, cols))
+        # Registers (DINOv2's) reach the LLM unreduced, before the reduced patches.
+        return output_count(method, rows * cols, (rows, cols)) + layout.num_passthrough
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         return self.reduced_count  # every image is resized to one size first
@@ -282,11 +277,13 @@ class PrumergeLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
             pixel_values: (B, 3, height, width) images from the LLaVA image processor.
         """
         hidden, q, k = run_tower(self.vision_tower, self.tower_kind, self.layout, pixel_values)
-        reduction = reduce_patches(
+        reduction, passthrough = reduce_patches(
             self.reduction_method, self.layout, hidden, tuple(pixel_values.shape[-2:]), q, k
         )
-        lengths = reduction.lengths.tolist()
-        projected = self.multi_modal_projector(reduction.tokens)  # (B, K, H)
+        # As the adapter does: registers (DINOv2's) go to the LLM unreduced, first.
+        tokens = torch.cat([passthrough.to(reduction.tokens.dtype), reduction.tokens], dim=1)
+        lengths = (reduction.lengths + passthrough.shape[1]).tolist()
+        projected = self.multi_modal_projector(tokens)  # (B, R + K, H)
         return [row[:n] for row, n in zip(projected, lengths, strict=True)]
 
     # -- language model ----------------------------------------------------------------

@@ -3,7 +3,8 @@
 - CLIP: vLLM's own ``CLIPVisionModel``, built up to the deepest layer the method reads. Its
   q/k projections are fused (``qkv_proj``), so the encoder runs layer by layer here and the
   attention layer's q and k are split off its fused projection.
-- SigLIP (no [CLS] token): vLLM's ``SiglipVisionModel``, for methods that read no attention.
+- SigLIP (no [CLS] token): vLLM's ``SiglipVisionModel``, run layer by layer in the same way
+  for the mean attention the adapters read there.
 - DINOv2 (the embedded default model; vLLM has no DINOv2): the transformers module itself,
   with scoped forward hooks on the q/k projections, exactly as the Hugging Face adapter runs it.
 """
@@ -20,7 +21,7 @@ from torch import nn
 from vllm.model_executor.models.utils import WeightsMapper
 
 from prumerge.errors import PrumergeError
-from prumerge.serve.vision import TowerLayout
+from prumerge.serve.vision import TowerLayout, layers_needed
 
 # Checkpoints saved by transformers 5 keep DINOv2's original parameter names; its modules
 # use these (transformers renames them the same way when it loads such a checkpoint).
@@ -53,7 +54,7 @@ def tower_kind(vision_config: Any) -> str:
         return "dinov2"
     raise PrumergeError(
         f"vision tower {kind!r} is not supported by the prumerge vLLM plugin; supported: "
-        f"CLIP, SigLIP (methods without attention) and DINOv2"
+        f"CLIP, SigLIP and DINOv2"
     )
 
 
@@ -71,7 +72,7 @@ def build_tower(config: Any, layout: TowerLayout, quant_config: Any, prefix: str
         return CLIPVisionModel(
             config.vision_config,
             quant_config=quant_config,
-            num_hidden_layers_override=layout.layers_needed,
+            num_hidden_layers_override=layers_needed(layout),
             require_post_norm=False,
             prefix=prefix,
         )
@@ -80,7 +81,7 @@ def build_tower(config: Any, layout: TowerLayout, quant_config: Any, prefix: str
     return SiglipVisionModel(
         config.vision_config,
         quant_config=quant_config,
-        num_hidden_layers_override=layout.layers_needed,
+        num_hidden_layers_override=layers_needed(layout),
         require_post_norm=False,
         prefix=prefix,
     )
@@ -100,9 +101,7 @@ def run_tower(
     """
     if kind == "dinov2":
         return _run_transformers_tower(tower, layout, pixel_values)
-    if kind == "clip":
-        return _run_clip_layers(tower.vision_model, layout, pixel_values)
-    return _run_vllm_tower(tower.vision_model, layout, pixel_values)
+    return _run_vllm_layers(tower.vision_model, kind, layout, pixel_values)
 
 
 @contextlib.contextmanager
@@ -132,29 +131,33 @@ def _run_transformers_tower(
         modules = {"q": attention.q_proj, "k": attention.k_proj}
     with _capture(modules) as captured:
         outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
-    hidden = outputs.hidden_states[layout.feature_index]
+    hidden = outputs.hidden_states[layout.feature_layer]
     return hidden, captured.get("q"), captured.get("k")
 
 
-def _run_clip_layers(
-    vision: nn.Module, layout: TowerLayout, pixel_values: torch.Tensor
+def _run_vllm_layers(
+    vision: nn.Module, kind: str, layout: TowerLayout, pixel_values: torch.Tensor
 ) -> FeaturesAndQK:
-    # vLLM's CLIPVisionTransformer.forward, unrolled so that the q/k of one layer can be read.
-    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))  # hidden_states[0]
+    # vLLM's CLIP/SigLIP VisionTransformer.forward, unrolled so that the q/k of one layer can
+    # be read. Built with layers_needed layers and no post-norm, as vLLM's own LLaVA builds it.
+    hidden = vision.embeddings(pixel_values)
+    if kind == "clip":
+        hidden = vision.pre_layrnorm(hidden)  # hidden_states[0]
     q = k = None
     layers = vision.encoder.layers
-    for index in range(layout.layers_needed):
+    for index in range(layers_needed(layout)):
         layer = layers[index]
         if index == layout.attention_layer:
             q, k = _clip_query_key(layer, hidden)
-        if index == layout.feature_index:
+        if index == layout.feature_layer:
             break  # only this layer's q/k were needed (PruMerge's consumer layer)
-        hidden = layer(hidden)
+        out = layer(hidden)
+        hidden = out[0] if isinstance(out, tuple) else out  # SigLIP's layers return a pair
     return hidden, q, k
 
 
 def _clip_query_key(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full-width q and k of a vLLM CLIP encoder layer for its input ``hidden``."""
+    """The full-width q and k of a vLLM CLIP or SigLIP encoder layer for its input ``hidden``."""
     attention = layer.self_attn
     qkv, _ = attention.qkv_proj(layer.layer_norm1(hidden))
     q, k, _ = qkv.chunk(3, dim=-1)
@@ -165,13 +168,3 @@ def _clip_query_key(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tenso
         q = tensor_model_parallel_all_gather(q.contiguous())
         k = tensor_model_parallel_all_gather(k.contiguous())
     return q, k
-
-
-def _run_vllm_tower(
-    vision: nn.Module, layout: TowerLayout, pixel_values: torch.Tensor
-) -> FeaturesAndQK:
-    if layout.attention_layer is not None:  # pragma: no cover - tower_layout refuses it
-        raise PrumergeError("this tower has no [CLS] attention")
-    # Built with exactly feature_index layers and no post-norm, the tower's last output is
-    # the feature layer (as in vLLM's own LLaVA); "full" keeps every token (no [CLS]).
-    return vision(pixel_values, feature_select_strategy="full"), None, None
