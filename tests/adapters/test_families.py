@@ -126,9 +126,10 @@ def test_budgets_are_exact(family, method):
     case = CASES[family]
     model = case.build("sdpa", 0)
     inputs = build_batch(case, model, ROWS)
-    with prumerge.apply(model, method, keep=7) as handle:
+    # 10 of LLaVA's 36: ToMe's two merging layers can halve the tokens twice, to 9 at least.
+    with prumerge.apply(model, method, keep=10) as handle:
         generate(model, inputs, max_new_tokens=1)
-        assert handle.stats.tokens_out == [7, 7, 7]
+        assert handle.stats.tokens_out == [10, 10, 10]
     with prumerge.apply(model, method, keep=0.25) as handle:
         generate(model, inputs, max_new_tokens=1)
         assert handle.stats.tokens_out == [round(0.25 * n) for n in inputs["counts"]]

@@ -252,7 +252,8 @@ def test_merge_none_is_accepted_as_a_string_or_as_none():
 def test_prumerge_plus_describes_its_own_budget():
     plain, plus = build_method("prumerge"), build_method("prumerge+")
     assert plain.describe_budget() != plus.describe_budget()
-    assert "spatially uniform samples" in plus.describe_budget()
+    assert "spatial samples (every s-th patch in raster order)" in plus.describe_budget()
+    assert "(grid)" in build_method("prumerge+", spatial="grid").describe_budget()
     assert "1 : 3" in build_method("prumerge+", keep=64).describe_budget()
 
 
@@ -272,8 +273,20 @@ def test_zoo_options():
         "keep": 64,
         "contextual": 10 / 64,
         "importance": "auto",
+        "contextual_merge": "target_plus_mean",
+        "metric": "key_mean",
+        "cls_token": True,
     }
-    assert build_method("tome", r=4).options() == {"keep": 64, "r": 4}
+    assert build_method("tome", r=4).options() == {
+        "keep": 64,
+        "r": 4,
+        "where": "auto",
+        "metric": "key_mean",
+        "order": "raster",
+        "proportional_attention": True,
+    }
+    with pytest.raises(ValueError, match="round size"):
+        build_method("tome", r=4, where="tower")
     assert build_method("random", seed=3).options() == {"keep": 64, "seed": 3}
     with pytest.raises(ValueError, match="seed"):
         build_method("random", seed=-1)

@@ -7,6 +7,7 @@ percentiles, sorted() with explicit tie-breaking. The batched ops must agree wit
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ def prumerge_row(
     min_keep=1,
     uniform_factor=3.0,
     order="raster",
+    spatial="stride",
 ) -> tuple[torch.Tensor, list[int]]:
     """One image: returns (output tokens (L, C) float64, patch index per token, -1 = supplement)."""
     n = attn.shape[0]
@@ -58,7 +60,7 @@ def prumerge_row(
         q1, q3 = np.percentile(np.asarray(attn.float()), [25, 75])
         fence = q3 + whisker * (q3 - q1)
         n_attn = max(min(min_keep, n), sum(1 for v in attn.float().tolist() if v > fence))
-        n_uniform = min(n - n_attn, round(n_attn * uniform_factor)) if plus else 0
+        n_uniform = min(n - n_attn, round(n_attn * uniform_factor)) if plus else None
         use_supplement = supplement
     else:
         budget = min(keep, n) if isinstance(keep, int) else max(1, min(n, round(keep * n)))
@@ -67,20 +69,34 @@ def prumerge_row(
         n_attn = max(1, math.ceil(n_select / (1 + uniform_factor))) if plus else n_select
         n_uniform = n_select - n_attn
     by_attention = sorted(range(n), key=lambda j: (-a[j], j))
-    chosen = list(by_attention[:n_attn])
-    if plus:
+    picked = list(by_attention[:n_attn])
+    samples = []
+    if plus and spatial == "grid":
         rows, cols = grid or (math.isqrt(n), math.isqrt(n))
-        added = 0
         for cell in spatial_order(rows, cols):
-            if added == n_uniform:
+            if len(samples) == n_uniform:
                 break
-            if cell not in chosen:
-                chosen.append(cell)
-                added += 1
+            if cell not in picked:
+                samples.append(cell)
+    elif plus and keep is None:
+        # The released rule: every s-th index below N - 1, s = int(int(1 / ratio) / 3);
+        # where s < 2, the real stride N / (3 * outliers).
+        stride = Fraction(int(int(1 / (n_attn / n)) / uniform_factor))
+        if stride < 2:
+            stride = Fraction(n) / (Fraction(uniform_factor) * n_attn)
+        candidates, k = [], 0
+        while math.floor(k * stride) < n - 1:
+            if math.floor(k * stride) not in candidates:
+                candidates.append(math.floor(k * stride))
+            k += 1
+        samples = [c for c in candidates if c not in picked]
+    elif plus:
+        rest = [j for j in range(n) if j not in picked]
+        samples = [rest[(k * len(rest)) // n_uniform] for k in range(n_uniform)]
     if order == "raster":
-        chosen = sorted(chosen)
-    else:
-        chosen = sorted(chosen, key=lambda j: (-a[j], j))
+        chosen = sorted(picked + samples)
+    else:  # the released order: attention picks by attention, then the samples by index
+        chosen = sorted(picked, key=lambda j: (-a[j], j)) + sorted(samples)
     use_supplement = use_supplement and len(chosen) < n
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     out = []

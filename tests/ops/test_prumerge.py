@@ -41,6 +41,10 @@ OPTION_GRID = [
         ["sum", "mean", "none"],
         ["raster", "attention"],
     )
+] + [
+    dict(keep=keep, plus=True, spatial="grid", order=order)
+    for keep in (None, 9, 0.3)
+    for order in ("raster", "attention")
 ]
 
 
@@ -51,10 +55,36 @@ def test_matches_slow_reference(options):
     assert_matches_reference(result, tokens, keys, attn, knn=5, **options)
 
 
-def test_matches_reference_on_non_square_grid_with_plus():
+@pytest.mark.parametrize("spatial", ["stride", "grid"])
+def test_matches_reference_on_non_square_grid_with_plus(spatial):
     tokens, keys, attn = make_inputs(n=48)
-    result = prumerge(tokens, keys, attn, plus=True, grid=(6, 8), knn=7)
-    assert_matches_reference(result, tokens, keys, attn, plus=True, grid=(6, 8), knn=7)
+    options = dict(plus=True, grid=(6, 8), knn=7, spatial=spatial)
+    result = prumerge(tokens, keys, attn, **options)
+    assert_matches_reference(result, tokens, keys, attn, **options)
+
+
+@pytest.mark.parametrize("peak", [0.0, 2.0, 8.0, 40.0])
+def test_stride_samples_at_every_outlier_count(peak):
+    # From one outlier to most of the patches: the release's stride rule where its s >= 2,
+    # the real-valued stride where it would be 1 (every patch) or 0 (a crash).
+    tokens, keys, attn = make_inputs(batch=4, n=144, seed=3, peak=peak)
+    for min_keep in (1, 20, 40, 60):
+        options = dict(plus=True, knn=3, min_keep=min_keep)
+        result = prumerge(tokens, keys, attn, **options)
+        assert_matches_reference(result, tokens, keys, attn, **options)
+
+
+def test_stride_samples_by_hand():
+    from prumerge.ops.select import stride_samples
+
+    # 576 patches: 8 outliers -> ratio 1/72, s = 72 // 3 = 24: indices 0, 24, ..., 552.
+    # 100 outliers -> int(5.76) = 5, s = 1 in the release (every index below 575); here the
+    # real stride 576 / 300 = 1.92: indices floor(1.92 k), 300 of them.
+    # 200 outliers -> s = 0 in the release (a crash); here 576 / 600 < 1: every index < 575.
+    sampled = stride_samples(torch.tensor([8, 100, 200]), 576)
+    assert sampled[0].nonzero().flatten().tolist() == list(range(0, 575, 24))
+    assert sampled[1].nonzero().flatten().tolist() == sorted({int(1.92 * k) for k in range(300)})
+    assert sampled[2].nonzero().flatten().tolist() == list(range(575))
 
 
 @settings(max_examples=30, deadline=None)
@@ -156,8 +186,10 @@ def test_bad_inputs_raise_value_error():
         prumerge(tokens, keys[:, :10], attn)
     with pytest.raises(ValueError, match="cls_attn must be"):
         prumerge(tokens, keys, attn[:1])
-    with pytest.raises(ValueError, match="square"):
-        prumerge(tokens[:, :60], keys[:, :60], attn[:, :60], plus=True)
+    with pytest.raises(ValueError, match="square"):  # the grid sampler needs the grid
+        prumerge(tokens[:, :60], keys[:, :60], attn[:, :60], plus=True, spatial="grid")
+    with pytest.raises(ValueError, match="spatial"):
+        prumerge(tokens, keys, attn, plus=True, spatial="uniform")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="merge"):
         prumerge(tokens, keys, attn, merge="avg")  # type: ignore[arg-type]
 

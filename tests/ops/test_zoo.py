@@ -161,7 +161,7 @@ def test_visionzip_paper_split():
         contextual_count(1.5, 10)
 
 
-def test_visionzip_by_hand():
+def _visionzip_hand_inputs():
     tokens = scalar_tokens(16)
     attn = torch.full((1, 16), 0.01)
     attn[0, [5, 10, 15]] = 0.3
@@ -172,14 +172,20 @@ def test_visionzip_by_hand():
     keys[0, 8:] = torch.tensor([0.1, 1.0])  # rows 2-3 lean to patch 7's key
     keys[0, 0] = torch.tensor([1.0, 0.0])
     keys[0, 7] = torch.tensor([0.0, 1.0])
+    return tokens, keys, attn
+
+
+def test_visionzip_by_hand():
+    tokens, keys, attn = _visionzip_hand_inputs()
     result = visionzip(tokens, keys, attn, keep=5, contextual=2)
     assert result.index.tolist() == [[5, 10, 15, -1, -1]]
     assert result.lengths.tolist() == [5]
     first = result.tokens[0, :, 0].tolist()
     assert first[:3] == [5.0, 10.0, 15.0]
-    assert first[3] == pytest.approx((0 + 1 + 2 + 3 + 4 + 6) / 6)
-    assert first[4] == pytest.approx((7 + 8 + 9 + 11 + 12 + 13 + 14) / 7)
-    assert result.tokens[0, :, 1].tolist() == pytest.approx([1.0] * 5)  # means, not sums
+    # The released formula: the target plus the mean of the patches assigned to it.
+    assert first[3] == pytest.approx(0 + (1 + 2 + 3 + 4 + 6) / 5)
+    assert first[4] == pytest.approx(7 + (8 + 9 + 11 + 12 + 13 + 14) / 6)
+    assert result.tokens[0, :, 1].tolist() == pytest.approx([1.0] * 3 + [2.0] * 2)
     groups = [3] * 16
     groups[5], groups[10], groups[15] = 0, 1, 2
     for patch in (7, 8, 9, 11, 12, 13, 14):
@@ -188,7 +194,33 @@ def test_visionzip_by_hand():
     assert result.attention_selected[0].nonzero().flatten().tolist() == [5, 10, 15]
 
 
-def visionzip_row(x, keys, attn, keep, n_ctx):
+def test_visionzip_mean_option_by_hand():
+    tokens, keys, attn = _visionzip_hand_inputs()
+    result = visionzip(tokens, keys, attn, keep=5, contextual=2, contextual_merge="mean")
+    first = result.tokens[0, :, 0].tolist()
+    # The plain mean of the target and its members (prumerge's former default).
+    assert first[3] == pytest.approx((0 + 1 + 2 + 3 + 4 + 6) / 6)
+    assert first[4] == pytest.approx((7 + 8 + 9 + 11 + 12 + 13 + 14) / 7)
+    assert result.tokens[0, :, 1].tolist() == pytest.approx([1.0] * 5)  # means, not sums
+
+
+def test_visionzip_sends_cls_first_within_the_budget():
+    tokens, keys, attn = _visionzip_hand_inputs()
+    cls = torch.tensor([[-1.0, 4.0]])
+    # keep=5 with two contextual tokens: [CLS] and the two most attended patches (5, 10 or
+    # 15; ties go to the lower index, so 15 joins the remaining patches).
+    result = visionzip(tokens, keys, attn, keep=5, contextual=2, cls_token=cls)
+    assert result.index.tolist() == [[-1, 5, 10, -1, -1]]
+    assert result.tokens[0, 0].tolist() == [-1.0, 4.0]
+    assert result.tokens[0, 1:3, 0].tolist() == [5.0, 10.0]
+    assert result.lengths.tolist() == [5]
+    assert (result.assignment[0] != 0).all()  # no patch stands behind [CLS]
+    only_cls = visionzip(tokens, keys, attn, keep=1, contextual=0, cls_token=cls)
+    assert only_cls.tokens.tolist() == [[[-1.0, 4.0]]]
+    assert only_cls.assignment.tolist() == [[0] * 16]
+
+
+def visionzip_row(x, keys, attn, keep, n_ctx, merge="target_plus_mean"):
     """Slow VisionZip for one image: Python lists, explicit tie-breaking."""
     n = x.shape[0]
     a = attn.tolist()
@@ -196,23 +228,30 @@ def visionzip_row(x, keys, attn, keep, n_ctx):
     rest = [j for j in range(n) if j not in dominant]
     targets = rest[:: max(1, len(rest) // n_ctx)][:n_ctx] if n_ctx else []
     unit = F.normalize(keys.double(), dim=-1)
-    groups = {t: [t] for t in targets}
+    groups = {t: [] for t in targets}
     for j in rest:
         if j in targets or not targets:
             continue
         sims = [float(unit[j] @ unit[t]) for t in targets]
         groups[targets[sims.index(max(sims))]].append(j)
     out = [x[j].double() for j in dominant]
-    out += [torch.stack([x[j].double() for j in groups[t]]).mean(0) for t in targets]
+    for t in targets:
+        members = [x[j].double() for j in groups[t]]
+        total = sum(members, torch.zeros_like(x[t].double()))
+        if merge == "target_plus_mean":
+            out.append(x[t].double() + total / max(len(members), 1))
+        else:
+            out.append((x[t].double() + total) / (1 + len(members)))
     return torch.stack(out), dominant
 
 
+@pytest.mark.parametrize("merge", ["target_plus_mean", "mean"])
 @pytest.mark.parametrize(("keep", "n_ctx"), [(12, 3), (20, 1), (7, 0), (5, 5), (63, 10)])
-def test_visionzip_matches_slow_reference(keep, n_ctx):
+def test_visionzip_matches_slow_reference(keep, n_ctx, merge):
     tokens, keys, attn = make_inputs(n=64)
-    result = visionzip(tokens, keys, attn, keep=keep, contextual=n_ctx)
+    result = visionzip(tokens, keys, attn, keep=keep, contextual=n_ctx, contextual_merge=merge)
     for b in range(3):
-        expected, dominant = visionzip_row(tokens[b], keys[b], attn[b], keep, n_ctx)
+        expected, dominant = visionzip_row(tokens[b], keys[b], attn[b], keep, n_ctx, merge)
         assert result.index[b].tolist() == dominant + [-1] * n_ctx
         torch.testing.assert_close(result.tokens[b].double(), expected, rtol=1e-5, atol=1e-6)
 

@@ -35,7 +35,7 @@ ENCODED = [
     {"method": "cls_topk", "keep": 64},
     {"method": "pool", "keep": 64},
     {"method": "random", "keep": 64},
-    {"method": "tome", "keep": 32},
+    {"method": "tome", "keep": 32, "where": "after"},
     {"method": "divprune", "keep": 32, "space": "tower"},
 ]
 #: Methods run through the plugin's vLLM towers (vLLM's CLIPVisionModel and
@@ -46,7 +46,7 @@ TOWER_METHODS = [
     ("clip", {"method": "prumerge+", "keep": 12}),
     ("clip", {"method": "visionzip", "keep": 8}),
     ("clip", {"method": "cls_topk", "keep": 8}),
-    ("clip", {"method": "tome", "keep": 8}),
+    ("clip", {"method": "tome", "keep": 8, "where": "after"}),
     ("clip", {"method": "pool", "keep": 9}),
     ("clip", {"method": "none"}),
     ("clip", {"method": "prumerge", "importance": "mean", "keep": 8}),

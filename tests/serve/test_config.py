@@ -21,7 +21,8 @@ SERVABLE = {
     "cls_topk": {"keep": 64},
     "pool": {"keep": 64},
     "random": {"keep": 64},
-    "tome": {"keep": 64},
+    # ToMe merges inside the tower by default; the plugin merges after it.
+    "tome": {"keep": 64, "where": "after"},
     # The plugin reduces before its projector runs: DivPrune on the tower's features.
     "divprune": {"keep": 64, "space": "tower"},
 }
@@ -67,6 +68,7 @@ def test_text_values_are_typed_as_on_the_command_line():
         ({"method": "fastv", "keep": 64}, "inside the language model"),
         ({"method": "downsample", "keep": 64}, "resized image"),
         ({"method": "divprune", "keep": 64}, "projector's outputs"),
+        ({"method": "tome", "keep": 64}, "inside the vision tower"),
         ({"method": "nope", "keep": 64}, "unknown method"),
         ({"method": "pool", "keep": 64, "knn": 3}, "does not take option"),
         ({"method": "pool", "keep": -1}, "keep"),

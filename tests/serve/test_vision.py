@@ -25,7 +25,7 @@ METHODS = [
     ("prumerge+", {"keep": 12}),
     ("visionzip", {"keep": 8}),
     ("cls_topk", {"keep": 8}),
-    ("tome", {"keep": 8}),
+    ("tome", {"keep": 8, "where": "after"}),
     ("pool", {"keep": 9}),
     ("none", {}),
     # The mean attention each patch receives, which the adapters offer on [CLS] towers too.

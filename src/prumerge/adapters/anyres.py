@@ -71,7 +71,12 @@ class AnyresAdapter(FamilyAdapter):
 
     def __init__(self, model: nn.Module, method: Method, **options: Any) -> None:
         super().__init__(model, method, **options)
-        self.tower = ViTTower(model.model.vision_tower, model.config, method)
+        self.tower = ViTTower(
+            model.model.vision_tower,
+            model.config,
+            method,
+            tower_merge_refused=f"{self.title} lays out every view's whole patch grid",
+        )
         if self.tower.resizes:
             raise PrumergeError(
                 f"{method.name} is not supported on {self.title}: anyres views have the "
@@ -223,6 +228,7 @@ class AnyresAdapter(FamilyAdapter):
                 cls_attn=torch.stack([v.importance for v in members]) if has_attn else None,  # type: ignore[misc]
                 grid=grid,
                 budget=budget,
+                key_heads=self.tower.num_heads if has_attn else None,
                 space="projected" if projected else "tower",
                 tower_features=torch.stack([v.tower_features for v in members])  # type: ignore[misc]
                 if projected

@@ -5,7 +5,7 @@ Patch tokens: the ``vision_feature_layer`` hidden states of a CLIP, DINOv2 or Si
 without [CLS] (``vision_feature_select_strategy="default"``; SigLIP, which has no [CLS], uses
 "full"). DINOv2's register tokens reach the LLM unreduced, before the patches, as they do
 without reduction. Grid: the pixel grid over the patch size. Keys and importance: the
-``ViTTower``'s. Reduced tokens: the projector's output, one run of placeholders per image.
+``ViTTower``'s; ToMe merges inside the tower (``adapters/tome_tower.py``). Reduced tokens: the projector's output, one run of placeholders per image.
 A method that selects on the projector's outputs (``feature_space="projected"``) gets every
 patch projected (the projector is per token) and its tokens go to the LLM as they are.
 """
@@ -55,11 +55,19 @@ class LlavaAdapter(FamilyAdapter):
         pixel_values = self._pixels(images)
         out = self.tower.run(pixel_values)
         device = execution_device(self.projector)
-        if projects_first(self.method):
+        if out.reduction is not None:  # the method merged inside the tower (ToMe)
+            reduction = out.reduction
+            tokens = torch.cat(
+                [out.passthrough.to(reduction.tokens.dtype), reduction.tokens], dim=1
+            )
+            projected = self.projector(tokens.to(device))  # (I, R + K, H)
+        elif projects_first(self.method):
             inputs = out.inputs
             inputs.tower_features = inputs.features
             inputs.features = self.projector(inputs.features.to(device))  # (I, N, H)
             inputs.space = "projected"
+            if inputs.cls_token is not None:
+                inputs.cls_token = self.projector(inputs.cls_token.to(device))
             if inputs.keys is not None and inputs.cls_attn is not None:
                 inputs.keys, inputs.cls_attn = inputs.keys.to(device), inputs.cls_attn.to(device)
             reduction = self.method.reduce(inputs)

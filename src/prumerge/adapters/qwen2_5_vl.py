@@ -28,7 +28,12 @@ from torch import nn
 
 from prumerge.adapters.base import Encoded, FamilyAdapter, register_family
 from prumerge.adapters.sequence import Packed
-from prumerge.adapters.towers import capture, execution_device, resolve_importance
+from prumerge.adapters.towers import (
+    capture,
+    execution_device,
+    refuse_tower_merge,
+    resolve_importance,
+)
 from prumerge.errors import PrumergeError
 from prumerge.methods import Method, VisionInputs, VisionMethod
 from prumerge.ops import Reduction, mean_attention
@@ -53,6 +58,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         self.merge = vision.spatial_merge_size
         self.patch_size = vision.patch_size
         self.temporal_patch_size = vision.temporal_patch_size
+        refuse_tower_merge(method, f"{self.title}'s PatchMerger needs every 2x2 patch group")
         self.importance = resolve_importance(method, has_cls=False, tower_label=self.title)
         self.resizes = isinstance(method, VisionMethod) and method.resizes_input
         full = list(getattr(vision, "fullatt_block_indexes", None) or []) if self.windowed else []
@@ -129,6 +135,7 @@ class Qwen25VLAdapter(FamilyAdapter):
             if keys is not None and importance is not None:
                 inputs.keys = torch.stack([keys[i] for i in members])
                 inputs.cls_attn = torch.stack([importance[i] for i in members])
+                inputs.key_heads = self.attention.num_heads
             reduction = self.method.reduce(inputs)
             reductions.append(reduction)
             for i, tokens, anchor, length in zip(

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prumerge.adapters.tome_tower import ToMeTower, unsupported_reason
 from prumerge.errors import PrumergeError
 from prumerge.methods import Method, VisionInputs, VisionMethod
-from prumerge.ops import cls_attention, mean_attention
+from prumerge.ops import Reduction, cls_attention, full_reduction, mean_attention
 
 # Vision towers with a [CLS] token first (then registers, if any), and those without one.
 CLS_TOWERS = {
@@ -88,6 +89,16 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def refuse_tower_merge(method: Method, reason: str) -> None:
+    """Raise a one-line error if ``method`` must merge inside the tower (``where="tower"``)
+    where this family cannot; methods with ``where="auto"`` reduce after the tower there."""
+    if getattr(method, "where", "after") == "tower":
+        raise PrumergeError(
+            f"{method.name} cannot merge inside the vision tower here: {reason}; use "
+            f"where='after' (or 'auto', which merges after the tower where it cannot inside)"
+        )
+
+
 @dataclass
 class TowerOutput:
     """One batch of views through a ViT tower.
@@ -96,10 +107,13 @@ class TowerOutput:
         inputs: the method's inputs: patch features (V, N, C), keys and importance.
         passthrough: (V, R, C) tokens the model keeps that are no grid patches (DINOv2's
             registers), sent to the LLM unreduced before the patches; R may be 0.
+        reduction: the reduction already made inside the tower (ToMe), whose tokens are
+            ``inputs.features``; None when the method reduces after the tower.
     """
 
     inputs: VisionInputs
     passthrough: torch.Tensor
+    reduction: Reduction | None = None
 
 
 #: The transformers class of each tower ``model_type``: for callers that hold a config and
@@ -245,12 +259,15 @@ def tower_inputs(
     passthrough = hidden[:, prefix - layout.num_passthrough : prefix]
     rows, cols = grid
     inputs = VisionInputs(
-        features=features, grid=grid if rows * cols == features.shape[1] else None
+        features=features,
+        grid=grid if rows * cols == features.shape[1] else None,
+        cls_token=hidden[:, 0] if layout.has_cls else None,
     )
     if layout.importance is not None:
         if q is None or k is None:
             raise PrumergeError(f"{method.name} needs the q/k of the attention layer")
         inputs.keys = k[:, prefix:]
+        inputs.key_heads = layout.num_heads
         if layout.importance == "cls":
             inputs.cls_attn = cls_attention(
                 q,
@@ -267,9 +284,24 @@ def tower_inputs(
 
 
 class ViTTower:
-    """How to read patch tokens, keys and importance off one LLaVA-family vision tower."""
+    """How to read patch tokens, keys and importance off one LLaVA-family vision tower.
 
-    def __init__(self, tower: nn.Module, config: Any, method: Method) -> None:
+    Args:
+        tower: the vision tower module.
+        config: the model's config.
+        method: the reduction method.
+        tower_merge_refused: why this family cannot use merging inside the tower (anyres
+            views are laid out as whole grids), or None if it can where the tower allows.
+    """
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        config: Any,
+        method: Method,
+        *,
+        tower_merge_refused: str | None = None,
+    ) -> None:
         self.tower = tower
         self.layout = layout = tower_layout(config, method, type(tower).__name__)
         self.has_cls = layout.has_cls
@@ -289,14 +321,57 @@ class ViTTower:
         )
         self.method = method
         self.query = self.key = None
-        if layout.attention_layer is not None:
+        # Methods that merge inside the tower (ToMe): the layers to patch, and the plan per
+        # patch count (the images' grid decides it, not the config's image_size).
+        self.merge_layers: nn.ModuleList | None = None
+        self._merge_plans: dict[int, ToMeTower | None] = {}
+        if isinstance(method, VisionMethod) and method.where != "after":
+            self._check_tower_merge(tower_merge_refused)
+        if self.merge_layers is not None:
+            self.importance = None  # nothing to capture: the tower merges by its own keys
+        elif layout.attention_layer is not None:
             self._find_attention(layout.attention_layer)
 
-    def _find_attention(self, attention_layer: int) -> None:
+    def _encoder_layers(self) -> nn.ModuleList:
         modules = dict(self.tower.named_modules())
         layers = next((modules[n] for n in modules if n.endswith(_LAYER_LISTS)), None)
         if not isinstance(layers, nn.ModuleList):
             raise PrumergeError(f"cannot find the encoder layers of {type(self.tower).__name__}")
+        return layers
+
+    def _check_tower_merge(self, refused: str | None) -> None:
+        layers = self._encoder_layers()
+        reason = refused or unsupported_reason(self.tower, layers, self.num_passthrough)
+        if reason is not None:
+            refuse_tower_merge(self.method, f"{reason} ({self.label} tower)")
+            return
+        self.merge_layers = layers
+
+    def tome_tower(self, num_patches: int) -> ToMeTower | None:
+        """The tower merging for images of ``num_patches`` patches, or None when the plan
+        merges nothing (the budget keeps every patch); PrumergeError if it cannot be met."""
+        if num_patches not in self._merge_plans:
+            method = self.method
+            assert isinstance(method, VisionMethod) and self.merge_layers is not None
+            try:
+                plan = method.tower_merge(
+                    num_patches=num_patches,
+                    num_prefix_tokens=self.num_prefix_tokens,
+                    num_layers=self.feature_layer,
+                )
+            except ValueError as exc:
+                raise PrumergeError(
+                    f"{method.name}: {exc} (the {self.label} tower's layers before its selected "
+                    f"features); use a larger keep or where='after'"
+                ) from None
+            merging = plan is not None and sum(plan.schedule) > 0
+            self._merge_plans[num_patches] = (
+                ToMeTower(self.merge_layers, plan, self.num_heads) if merging else None  # type: ignore[arg-type]
+            )
+        return self._merge_plans[num_patches]
+
+    def _find_attention(self, attention_layer: int) -> None:
+        layers = self._encoder_layers()
         parts = dict(layers[attention_layer].named_modules())
         self.query = next((m for n, m in parts.items() if n.endswith(_QUERY_NAMES)), None)
         self.key = next((m for n, m in parts.items() if n.endswith(_KEY_NAMES)), None)
@@ -326,9 +401,28 @@ class ViTTower:
                 ).to(dtype)
             if self.interpolates:
                 extra["interpolate_pos_encoding"] = True
+        if self.merge_layers is not None:
+            return self._run_merging(pixel_values, rows, cols)
         with capture({"q": self.query, "k": self.key}) as captured:
             outputs = tower(pixel_values, output_hidden_states=True, return_dict=True, **extra)
         hidden = outputs.hidden_states[self.feature_layer]  # (V, P + N, C)
         return tower_inputs(
             self.layout, self.method, hidden, captured.get("q"), captured.get("k"), (rows, cols)
         )
+
+    def _run_merging(self, pixel_values: torch.Tensor, rows: int, cols: int) -> TowerOutput:
+        """The tower with the method merging inside it (ToMe): the merged tokens and their
+        ``Reduction`` of the rows x cols patches."""
+        merging = self.tome_tower(rows * cols)
+        prefix = self.num_prefix_tokens
+        with contextlib.ExitStack() as stack:
+            state = stack.enter_context(merging.merging()) if merging is not None else {}
+            outputs = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        hidden = outputs.hidden_states[self.feature_layer]  # (V, P + K, C)
+        if merging is None:  # nothing to merge: every patch, unchanged
+            reduction = full_reduction(hidden[:, prefix:])
+        else:
+            reduction = state["merger"].reduction(hidden, prefix=prefix, order=merging.plan.order)
+        cls_token = hidden[:, 0] if self.has_cls else None
+        inputs = VisionInputs(features=reduction.tokens, grid=None, cls_token=cls_token)
+        return TowerOutput(inputs=inputs, passthrough=hidden[:, prefix:prefix], reduction=reduction)

@@ -46,6 +46,12 @@ class VisionInputs:
         budget: an exact output count for every row, set by adapters that split one
             per-image budget over several views (LLaVA-NeXT, LLaVA-OneVision); it overrides
             the method's own ``keep``. None: the method's ``keep`` applies.
+        key_heads: attention heads the width of ``keys`` splits into (heads side by side),
+            for methods whose metric is the keys averaged over heads (ToMe, VisionZip); None
+            when unknown (the keys are then used as they are).
+        cls_token: (B, C) the [CLS] token's features in the same layer and space as
+            ``features``, for methods that send it to the LLM (VisionZip); None for towers
+            without one and for grids that are no single tower view (anyres).
         space: "tower" or "projected" (``FEATURE_SPACES``): what ``features`` holds.
         tower_features: (B, N, Ct) with ``space="projected"``: the tower features the
             projector turned into ``features``, patch for patch (methods that need both, such
@@ -58,6 +64,8 @@ class VisionInputs:
     cls_attn: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
     budget: int | None = None
+    key_heads: int | None = None
+    cls_token: torch.Tensor | None = None
     space: str = "tower"
     tower_features: torch.Tensor | None = None
 
@@ -65,6 +73,34 @@ class VisionInputs:
     def importance(self) -> torch.Tensor | None:
         """The importance signal (an alias of ``cls_attn``, which it is on [CLS] towers)."""
         return self.cls_attn
+
+
+#: Where a method that can merge inside the vision tower does (``VisionMethod.where``):
+#: "auto", inside where the family's tower can be patched and after it elsewhere; "tower",
+#: inside or a one-line error; "after", after the tower (``reduce``).
+WHERE_CHOICES = ("auto", "tower", "after")
+
+
+@dataclass
+class TowerMerge:
+    """How a method merges tokens inside the vision tower, layer by layer (ToMe).
+
+    Attributes:
+        schedule: tokens to merge in each encoder layer that produces the selected features
+            (layer 0 first), between its attention and its MLP.
+        protected: leading tokens that never merge ([CLS]).
+        metric: "key_mean" (each layer's keys averaged over heads) or "keys" (full width).
+        order: "raster" or "tome": the order of the merged tokens sent on (see
+            ``prumerge.ops.tome.TOME_ORDERS``).
+        proportional_attention: add log(size) to the attention logits of every key, so a
+            merged token counts as many times as it holds tokens (ToMe's ``prop_attn``).
+    """
+
+    schedule: list[int]
+    protected: int
+    metric: str = "key_mean"
+    order: str = "raster"
+    proportional_attention: bool = True
 
 
 class Method:
@@ -104,6 +140,8 @@ class VisionMethod(Method):
     #: "tower" or "projected" (``FEATURE_SPACES``): the space of the tokens the method
     #: selects from and returns. A method may set it per instance (an option).
     feature_space: str = "tower"
+    #: "after" for methods that reduce the tower's output; see ``WHERE_CHOICES``.
+    where: str = "after"
 
     def budget_for(self, inputs: VisionInputs) -> Any:
         """The budget for these inputs: the adapter's exact count if it set one, else ``keep``."""
@@ -112,6 +150,14 @@ class VisionMethod(Method):
     def target_grid(self, rows: int, cols: int) -> tuple[int, int]:
         """For ``resizes_input`` methods: the patch grid to run the tower at."""
         raise NotImplementedError
+
+    def tower_merge(
+        self, *, num_patches: int, num_prefix_tokens: int, num_layers: int
+    ) -> TowerMerge | None:
+        """How to merge inside a tower of ``num_layers`` layers that produce the features of
+        ``num_patches`` patches after ``num_prefix_tokens`` prefix tokens, or None to reduce
+        after the tower with ``reduce``. Raises ValueError when the budget cannot be met."""
+        return None
 
 
 class LanguageMethod(Method):

@@ -15,6 +15,7 @@ from prumerge.methods.base import (
     register_method,
 )
 from prumerge.ops import Reduction, full_reduction, prumerge
+from prumerge.ops.prumerge import SPATIAL_MODES
 
 
 @register_method("none")
@@ -92,6 +93,7 @@ class PruMerge(VisionMethod):
             min_keep=self.min_keep,
             uniform_factor=self.uniform_factor,
             order=self.order,  # type: ignore[arg-type]
+            spatial=getattr(self, "spatial", "stride"),  # type: ignore[arg-type]
         )
 
     def describe_budget(self) -> str:
@@ -102,15 +104,52 @@ class PruMerge(VisionMethod):
 
 @register_method("prumerge+")
 class PruMergePlus(PruMerge):
-    """LLaVA-PruMerge+ (same paper): PruMerge plus spatially uniform samples of the grid."""
+    """LLaVA-PruMerge+ (same paper): PruMerge plus spatial samples of the patches.
+
+    ``spatial="stride"`` (default) is the released rule: every s-th patch in raster order,
+    s = int(int(N / outliers) / 3), minus the patches already kept, generalised to any N
+    and batch (a real-valued stride where the release's s would be 0, a crash, or 1, every
+    patch); with a fixed budget the samples are evenly spaced in raster order among the
+    patches left. ``spatial="grid"`` is a farthest-point order of the grid cells. See
+    ``prumerge.ops.prumerge`` and docs/methods.md.
+    """
 
     plus = True
 
+    def __init__(
+        self,
+        keep: int | float | None = None,
+        knn: int = 32,
+        merge: str = "sum",
+        supplement: bool = True,
+        whisker: float = 1.5,
+        min_keep: int = 1,
+        uniform_factor: float = 3.0,
+        order: str = "raster",
+        attention: str = "multihead",
+        importance: str = "auto",
+        spatial: str = "stride",
+    ) -> None:
+        super().__init__(
+            keep=keep,
+            knn=knn,
+            merge=merge,
+            supplement=supplement,
+            whisker=whisker,
+            min_keep=min_keep,
+            uniform_factor=uniform_factor,
+            order=order,
+            attention=attention,
+            importance=importance,
+        )
+        self.spatial = check_choice("spatial", spatial, SPATIAL_MODES)
+
     def describe_budget(self) -> str:
         if self.keep is None:
+            sampler = "every s-th patch in raster order" if self.spatial == "stride" else "grid"
             return (
                 f"adaptive: IQR outliers of the importance, plus about {self.uniform_factor:g} "
-                f"spatially uniform samples per outlier, plus one supplement token"
+                f"spatial samples ({sampler}) per outlier, plus one supplement token"
             )
         return (
             f"output tokens: importance picks and spatial samples split 1 : "

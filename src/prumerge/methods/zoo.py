@@ -7,11 +7,16 @@ count, or a float ratio of the N patches), and returns all N tokens unchanged wh
 
 from __future__ import annotations
 
+import torch
+
 from prumerge.methods.base import (
     FEATURE_SPACES,
     IMPORTANCE_CHOICES,
+    WHERE_CHOICES,
+    TowerMerge,
     VisionInputs,
     VisionMethod,
+    check_bool,
     check_choice,
     check_int,
     check_keep,
@@ -23,13 +28,15 @@ from prumerge.ops import (
     cls_topk,
     divprune,
     full_reduction,
+    key_head_mean,
     pooled_grid,
     random_sample,
     spatial_pool,
     tome,
     visionzip,
 )
-from prumerge.ops.visionzip import PAPER_CONTEXTUAL_FRACTION, contextual_count
+from prumerge.ops.tome import TOME_ORDERS, tome_schedule
+from prumerge.ops.visionzip import CONTEXTUAL_MERGES, PAPER_CONTEXTUAL_FRACTION, contextual_count
 
 
 def _require(inputs: VisionInputs, method: str, *, keys: bool = False, attn: bool = False) -> None:
@@ -84,11 +91,14 @@ class SpatialPool(VisionMethod):
 class ClsTopK(VisionMethod):
     """Top-k patches by [CLS] attention, no merging (FasterVLM: Zhang et al., arXiv 2412.01818).
 
-    See ``prumerge.ops.cls_topk``; the keys only decide which kept patch each dropped patch is
-    drawn as belonging to.
+    As in the released FasterVLM code, the attention is that of the layer that outputs the
+    selected features (``attentions[-2]`` for LLaVA-1.5), averaged over heads, and the kept
+    patches go to the LLM unchanged in raster order. See ``prumerge.ops.cls_topk``; the keys
+    only decide which kept patch each dropped patch is drawn as belonging to.
     """
 
     needs_attention = True
+    attention_source = "producer"
 
     def __init__(self, keep: int | float = 64, importance: str = "auto") -> None:
         self.keep = check_keep(keep)
@@ -105,15 +115,32 @@ class ClsTopK(VisionMethod):
         return "output tokens: the patches with the highest importance, unchanged"
 
 
+#: The similarity metric of the key-matching methods: "key_mean", the keys averaged over
+#: heads (the released ToMe and VisionZip code); "keys", the full-width keys.
+KEY_METRICS = ("key_mean", "keys")
+
+
+def key_metric(inputs: VisionInputs, metric: str) -> torch.Tensor:
+    """(B, N, Ck) the keys as ``metric`` says: averaged over heads, or as they are."""
+    assert inputs.keys is not None
+    return key_head_mean(inputs.keys, inputs.key_heads) if metric == "key_mean" else inputs.keys
+
+
 @register_method("visionzip")
 class VisionZip(VisionMethod):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision
-    Language Models", CVPR 2025, arXiv 2412.04467).
+    Language Models", CVPR 2025, arXiv 2412.04467), as its released code computes it.
 
-    Dominant patches by [CLS] attention, plus contextual tokens: the remaining patches merged
-    (plain mean) into evenly spaced centres by key similarity. ``contextual`` is a count or a
-    fraction of the budget; the default 10/64 is the paper's split (54 + 10 of 64, 108 + 20 of
-    128, 162 + 30 of 192). See ``prumerge.ops.visionzip``.
+    Dominant tokens: the [CLS] token (on towers that have one) and the patches with the
+    highest [CLS] attention of the layer that outputs the selected features; contextual
+    tokens: the remaining patches assigned to evenly spaced targets by the cosine
+    similarity of that layer's keys averaged over heads, each made its target plus the mean
+    of the patches assigned to it. ``keep`` counts every token sent, [CLS] included:
+    ``keep=64`` is the release's ``visionzip(model, 54, 10)``, [CLS] + 53 patches + 10
+    contextual tokens. ``contextual`` is a count or a fraction of the budget (default 10/64:
+    20 of 128, 30 of 192). Options that depart from the release: ``contextual_merge="mean"``
+    (the plain mean of target and members), ``metric="keys"`` (full-width keys),
+    ``cls_token=False`` (patches only). See ``prumerge.ops.visionzip`` and docs/methods.md.
     """
 
     needs_attention = True
@@ -126,46 +153,107 @@ class VisionZip(VisionMethod):
         keep: int | float = 64,
         contextual: int | float = PAPER_CONTEXTUAL_FRACTION,
         importance: str = "auto",
+        contextual_merge: str = "target_plus_mean",
+        metric: str = "key_mean",
+        cls_token: bool = True,
     ) -> None:
         self.keep = check_keep(keep)
         contextual_count(contextual, 1)  # validates
         self.contextual = contextual
         self.importance = check_choice("importance", importance, IMPORTANCE_CHOICES)
+        self.contextual_merge = check_choice(
+            "contextual_merge", contextual_merge, CONTEXTUAL_MERGES
+        )
+        self.metric = check_choice("metric", metric, KEY_METRICS)
+        self.cls_token = check_bool("cls_token", cls_token)
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         _require(inputs, self.name, keys=True, attn=True)
-        assert inputs.keys is not None and inputs.cls_attn is not None
+        assert inputs.cls_attn is not None
         return visionzip(
             inputs.features,
-            inputs.keys,
+            key_metric(inputs, self.metric),
             inputs.cls_attn,
             keep=self.budget_for(inputs),
             contextual=self.contextual,
+            cls_token=inputs.cls_token if self.cls_token else None,
+            contextual_merge=self.contextual_merge,
         )
 
     def describe_budget(self) -> str:
-        return "output tokens: dominant patches (by importance) plus contextual (merged) tokens"
+        return (
+            "output tokens: [CLS] (where the tower has one) and dominant patches by importance, "
+            "plus contextual (merged) tokens"
+        )
 
 
 @register_method("tome")
 class ToMe(VisionMethod):
-    """ToMe bipartite soft matching (Bolya et al., "Token Merging: Your ViT but Faster",
-    ICLR 2023, arXiv 2210.09461), repeated on the selected layer's tokens until ``keep`` remain.
+    """ToMe, token merging (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023,
+    arXiv 2210.09461), inside the vision tower as its released code does.
 
-    Size-weighted merges, with the keys as the similarity metric; ``r`` caps the merges per
-    round (None: half the tokens per round). See ``prumerge.ops.tome``.
+    Every encoder layer that produces the selected features merges r tokens between its
+    attention and its MLP by bipartite soft matching on that layer's keys averaged over
+    heads, with size-weighted merges and proportional attention (log size added to the
+    attention logits), the [CLS] token protected. ``keep`` (the patches the LLM sees) fixes
+    the per-layer schedule: the N - keep merges spread evenly over the layers, one more in
+    the first (N - keep) mod L (see ``prumerge.ops.tome.tome_schedule``); LLaVA-1.5's 576
+    patches at keep=64 merge 23 tokens in each of the first 6 of its 23 layers and 22 in the
+    rest. The merged tokens go on in raster order of the patch each stands for.
+
+    ``where="auto"`` merges inside the tower where the family's tower can be patched
+    (LLaVA-1.5's CLIP, DINOv2 and SigLIP towers, eager or sdpa attention) and after it
+    elsewhere (anyres views, Qwen's merger, towers with register tokens); ``"tower"``
+    refuses those families; ``"after"`` merges the selected layer's tokens after the tower in
+    rounds of at most ``r`` (None: half the tokens per round). Other options that depart from
+    the release: ``metric="keys"``, ``order="tome"``, ``proportional_attention=False``. See
+    docs/methods.md.
     """
 
-    needs_attention = True  # for the keys
+    needs_attention = True  # the keys, when merging after the tower
 
-    def __init__(self, keep: int | float = 64, r: int | None = None) -> None:
+    def __init__(
+        self,
+        keep: int | float = 64,
+        r: int | None = None,
+        where: str = "auto",
+        metric: str = "key_mean",
+        order: str = "raster",
+        proportional_attention: bool = True,
+    ) -> None:
         self.keep = check_keep(keep)
         self.r = None if r is None else check_int("r", r, minimum=1)
+        self.where = check_choice("where", where, WHERE_CHOICES)
+        if self.r is not None and where == "tower":
+            raise ValueError(
+                "r is the round size of merging after the tower; inside the tower each "
+                "layer's r follows from keep"
+            )
+        self.metric = check_choice("metric", metric, KEY_METRICS)
+        self.order = check_choice("order", order, TOME_ORDERS)
+        self.proportional_attention = check_bool("proportional_attention", proportional_attention)
+
+    def tower_merge(
+        self, *, num_patches: int, num_prefix_tokens: int, num_layers: int
+    ) -> TowerMerge | None:
+        if self.where == "after":
+            return None
+        budget = budget_count(self.keep, num_patches)
+        schedule = tome_schedule(num_patches, budget, num_layers, protected=num_prefix_tokens)
+        return TowerMerge(
+            schedule=schedule,
+            protected=num_prefix_tokens,
+            metric=self.metric,
+            order=self.order,
+            proportional_attention=self.proportional_attention,
+        )
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
+        # Merging after the tower: the adapter's fallback where the tower cannot merge.
         _require(inputs, self.name, keys=True)
-        assert inputs.keys is not None
-        return tome(inputs.features, inputs.keys, keep=self.budget_for(inputs), r=self.r)
+        return tome(
+            inputs.features, key_metric(inputs, self.metric), keep=self.budget_for(inputs), r=self.r
+        )
 
     def describe_budget(self) -> str:
         return "output tokens: size-weighted means of merged groups of patches"

@@ -1,6 +1,6 @@
 """Pure tensor operations for visual-token reduction. They import torch only."""
 
-from prumerge.ops.attention import cls_attention, mean_attention
+from prumerge.ops.attention import cls_attention, key_head_mean, mean_attention
 from prumerge.ops.cls_topk import cls_topk
 from prumerge.ops.divprune import divprune
 from prumerge.ops.keep import full_reduction, kept_reduction
@@ -26,6 +26,7 @@ __all__ = [
     "divprune",
     "full_reduction",
     "infer_grid",
+    "key_head_mean",
     "iqr_keep_count",
     "kept_reduction",
     "mean_attention",

@@ -143,3 +143,23 @@ def mean_attention(
         else valid.sum(dim=1, keepdim=True).float().clamp_min(1.0)
     )
     return (received / (num_heads * queries_per_row))[:, num_prefix_tokens:]
+
+
+def key_head_mean(keys: torch.Tensor, num_heads: int | None) -> torch.Tensor:
+    """Keys averaged over the attention heads: the similarity metric of ToMe (``k.mean(1)``)
+    and VisionZip (``raw_key_states.mean(1)``).
+
+    Args:
+        keys: (B, N, C) key projections, C = num_heads * head_dim (heads side by side, as a
+            linear k projection lays them out).
+        num_heads: heads the width splits into; None or 1 returns the keys unchanged.
+
+    Returns:
+        (B, N, C / num_heads) mean over the heads of every token's key.
+    """
+    if num_heads is None or num_heads == 1:
+        return keys
+    batch, num, width = keys.shape
+    if num_heads < 1 or width % num_heads:
+        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
+    return keys.reshape(batch, num, num_heads, width // num_heads).mean(dim=2)

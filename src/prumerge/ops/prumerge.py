@@ -12,16 +12,22 @@ from prumerge.ops.attention import check_finite
 from prumerge.ops.reduction import Reduction
 from prumerge.ops.select import (
     budget_count,
+    even_rest_samples,
     infer_grid,
     inverse_permutation,
     iqr_keep_count,
     rank_descending,
     spatial_rank,
+    stride_samples,
     topk_lowest_index_ties,
 )
 
 MergeMode = Literal["sum", "mean", "none"]
 OrderMode = Literal["raster", "attention"]
+SpatialMode = Literal["stride", "grid"]
+#: PruMerge+'s spatial samplers: "stride", the released raster-stride rule (generalised, see
+#: ``prumerge.ops.select.stride_samples``); "grid", a farthest-point order of the grid cells.
+SPATIAL_MODES = ("stride", "grid")
 
 
 def _validate(tokens: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor) -> None:
@@ -53,6 +59,7 @@ def prumerge(
     min_keep: int = 1,
     uniform_factor: float = 3.0,
     order: OrderMode = "raster",
+    spatial: SpatialMode = "stride",
 ) -> Reduction:
     """Prune visual tokens to the [CLS]-attention outliers and merge the rest into them.
 
@@ -62,10 +69,16 @@ def prumerge(
        row's upper fence Q3 + whisker * IQR (at least ``min_keep``). An int keeps that many
        output tokens, a float in (0, 1] that fraction of N; the supplement token counts
        toward a fixed budget. Ties in attention go to the lower patch index.
-    2. **PruMerge+** (``plus=True``) adds spatially uniform samples of the patch grid,
-       skipping cells already selected: ``uniform_factor`` samples per attention-selected
-       patch in adaptive mode (the released code's stride of 1/(3 * ratio) gives about 3),
-       or the budget split 1 : uniform_factor between attention and spatial samples.
+    2. **PruMerge+** (``plus=True``) adds spatial samples, skipping patches already
+       selected. ``spatial="stride"`` (the released code): in adaptive mode every s-th
+       patch in raster order, s = int(int(N / outliers) / uniform_factor), which aims at
+       ``uniform_factor`` (3) samples per outlier (``stride_samples``: exact where the
+       release runs, a real-valued stride where its s would be 0 or 1); with a fixed
+       budget, which the release has no rule for at inference, the budget is split 1 :
+       uniform_factor between attention picks and samples, and the samples are evenly
+       spaced in raster order among the patches left (``even_rest_samples``).
+       ``spatial="grid"``: a farthest-point order of the grid cells (``spatial_rank``),
+       ``uniform_factor`` samples per outlier in adaptive mode, or the same split.
     3. **Merge.** Each kept token i takes its ``knn`` nearest patches by cosine similarity of
        the keys (among all other patches) and adds their features weighted by their [CLS]
        attention a_j. ``merge="sum"`` is the released code, x_i + sum_j a_j x_j, and the
@@ -90,8 +103,10 @@ def prumerge(
         min_keep: least number of attention-selected patches in adaptive mode (>= 1).
         uniform_factor: PruMerge+ spatial samples per attention-selected patch.
         order: ``"raster"`` (default) emits kept tokens in spatial order, which keeps the
-            LLM's positions meaningful; ``"attention"`` in descending attention, as the
-            released code does.
+            LLM's positions meaningful; ``"attention"`` as the released code does: the
+            attention picks in descending attention, then PruMerge+'s samples in raster
+            order.
+        spatial: ``"stride"`` or ``"grid"``, PruMerge+'s sampler (see above).
 
     Returns:
         A ``Reduction``; ``tokens`` has the dtype and device of the input.
@@ -103,6 +118,8 @@ def prumerge(
         raise ValueError(f"unknown merge mode {merge!r}; expected 'sum', 'mean' or 'none'")
     if order not in ("raster", "attention"):
         raise ValueError(f"unknown order {order!r}; expected 'raster' or 'attention'")
+    if spatial not in SPATIAL_MODES:
+        raise ValueError(f"unknown spatial sampler {spatial!r}; expected 'stride' or 'grid'")
     if uniform_factor < 0:
         raise ValueError(f"uniform_factor must be >= 0; got {uniform_factor}")
     if min_keep < 1:
@@ -118,7 +135,7 @@ def prumerge(
         n_attn = iqr_keep_count(attn, whisker=whisker, min_keep=min_keep)
         n_uniform = (
             torch.minimum(num - n_attn, (n_attn.float() * uniform_factor).round().long())
-            if plus
+            if plus and spatial == "grid"
             else torch.zeros_like(n_attn)
         )
         with_supplement = torch.full((batch,), supplement, dtype=torch.bool, device=device)
@@ -134,19 +151,29 @@ def prumerge(
     attn_rank = rank_descending(attn)  # (B, N)
     attention_selected = attn_rank < n_attn[:, None]
     selected = attention_selected
-    if plus:
+    if plus and spatial == "grid":
         rows, cols = infer_grid(num, grid)
         # Cells already chosen by attention move behind all others, so the first n_uniform
         # cells of this order are the spatial samples, de-duplicated against them.
         uniform_key = spatial_rank(rows, cols, device)[None, :] + num * attention_selected
         uniform_rank = inverse_permutation(torch.argsort(uniform_key, dim=1, stable=True))
         selected = selected | (uniform_rank < n_uniform[:, None])
+    elif plus and keep is None:
+        if uniform_factor > 0:
+            selected = selected | stride_samples(n_attn, num, uniform_factor)
+    elif plus:
+        selected = selected | even_rest_samples(attention_selected, int(n_uniform[0]))
     n_keep = selected.sum(dim=1)  # (B,)
     with_supplement = with_supplement & (n_keep < num)
 
     # Output order: selected patches first (raster or attention order), then the rest.
     positions = torch.arange(num, device=device).expand(batch, num)
-    within = positions if order == "raster" else attn_rank
+    # "attention": the release's order, attention picks by rank, then the samples by index.
+    within = (
+        positions
+        if order == "raster"
+        else torch.where(attention_selected, attn_rank, positions + num)
+    )
     sort_key = torch.where(selected, within, within + num)
     by_slot = torch.argsort(sort_key, dim=1, stable=True)  # (B, N) patch index per slot
     max_keep = int(n_keep.max())

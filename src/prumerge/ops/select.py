@@ -116,6 +116,78 @@ def spatial_rank(rows: int, cols: int, device: torch.device | str = "cpu") -> to
     return _spatial_rank_cpu(rows, cols).to(device)
 
 
+def stride_samples(n_attn: torch.Tensor, num: int, factor: float = 3.0) -> torch.Tensor:
+    """PruMerge+'s spatial samples in adaptive mode: the released rule, for any N and batch.
+
+    The released code keeps every s-th patch index in raster order, ``arange(0, 575, s)``
+    with s = int(int(1 / ratio) / 3) and ratio = outliers / 576, minus the patches already
+    kept. Here the same rule runs per row with N for 576 (the range stops before the last
+    patch, N - 1, as the release's does), so it is exact wherever the release runs. Where
+    the release breaks, s < 2 (more than N/6 outliers at factor 3): s = 0 divides by zero
+    (ratio > 1/3) and s = 1 samples every patch, about twice what the rule aims at; there
+    the stride becomes the real number N / (factor * outliers) and the samples are
+    floor(k * N / (factor * outliers)) for k = 0, 1, ... below N - 1, about ``factor`` per
+    outlier as everywhere else.
+
+    Args:
+        n_attn: (B,) int64 patches each row keeps by attention (>= 1).
+        num: N, patches per row.
+        factor: the release's 3, samples aimed at per attention-kept patch (> 0).
+
+    Returns:
+        (B, N) bool, the sampled positions (before removing the attention-kept ones).
+    """
+    device = n_attn.device
+    count = n_attn.clamp(min=1)
+    ratio = count.to(torch.float64) / num
+    # int(1 / ratio) and int(step / 3) in float64, as the released Python arithmetic does.
+    step_length = torch.floor(torch.div(torch.ones_like(ratio), ratio))
+    stride = torch.floor(step_length / factor)  # (B,)
+    k = torch.arange(num, device=device)
+    # Where the release's stride is below 2, the real stride N / (factor * outliers); exact
+    # integer arithmetic for an integer factor, so that floor(k * stride) has no rounding.
+    if float(factor).is_integer():
+        fallback = (k[None, :] * num) // (int(factor) * count[:, None])
+        dense = int(factor) * count > num  # (B,) a real stride below 1
+    else:
+        real = num / (factor * count.to(torch.float64))
+        fallback = torch.floor(k[None, :].to(torch.float64) * real[:, None]).long()
+        dense = real < 1
+    # A real stride below 1 samples every index.
+    fallback = torch.where(dense[:, None], k[None, :], fallback)
+    released = k[None, :] * stride.long().clamp(min=1)[:, None]
+    positions = torch.where((stride >= 2)[:, None], released, fallback)  # (B, N)
+    inside = positions < num - 1
+    sampled = torch.zeros(n_attn.shape[0], num + 1, dtype=torch.bool, device=n_attn.device)
+    sampled.scatter_(1, torch.where(inside, positions, num), True)
+    return sampled[:, :num]
+
+
+def even_rest_samples(selected: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` patches evenly spaced, in raster order, among those ``selected`` leaves.
+
+    With R patches left, the picks are the ones at positions floor(k * R / count), k = 0 ..
+    count - 1, of the remaining patches in raster order (PruMerge+ with a fixed budget: the
+    release's stride rule over the patches not yet kept, with the count made exact).
+
+    Args:
+        selected: (B, N) bool, the patches already kept; every row leaves the same R.
+        count: samples to add, 0 <= count <= R.
+
+    Returns:
+        (B, N) bool, the added samples.
+    """
+    num = selected.shape[1]
+    left = num - int(selected[0].sum()) if selected.shape[0] else num
+    if count <= 0 or left <= 0:
+        return torch.zeros_like(selected)
+    picks = torch.zeros(left + 1, dtype=torch.bool)
+    picks[(torch.arange(count) * left) // count] = True
+    rest_rank = (~selected).long().cumsum(dim=1) - 1  # (B, N) rank among the remaining
+    picks = picks.to(selected.device)
+    return ~selected & picks[rest_rank.clamp(min=0, max=left)]
+
+
 def rank_descending(scores: torch.Tensor) -> torch.Tensor:
     """(B, N) rank of each score in its row, highest first; ties go to the lower index.
 

@@ -89,6 +89,11 @@ def parse_serve_config(value: Any) -> ServeConfig:
             f"method {config.method!r} runs the vision tower on a resized image, which the vLLM "
             f"plugin does not do; serve a method that reduces the tower's tokens"
         )
+    if getattr(method, "where", "after") != "after":
+        raise PrumergeError(
+            f"method {config.method!r} merges inside the vision tower by default, which the "
+            f"vLLM plugin does not do; serve it with where='after'"
+        )
     if projects_first(method):
         raise PrumergeError(
             f"method {config.method!r} selects on the projector's outputs, which the vLLM "
