@@ -67,8 +67,9 @@ def test_matches_reference_on_non_square_grid_with_plus(spatial):
 def test_stride_samples_at_every_outlier_count(peak):
     # From one outlier to most of the patches: the release's stride rule where its s >= 2,
     # the real-valued stride where it would be 1 (every patch) or 0 (a crash).
-    tokens, keys, attn = make_inputs(batch=4, n=144, seed=3, peak=peak)
-    for min_keep in (1, 20, 40, 60):
+    # 64 patches: s >= 2 below 11 outliers, s = 1 from 11 to 21, s = 0 from 22 on.
+    tokens, keys, attn = make_inputs(batch=2, n=64, seed=3, peak=peak)
+    for min_keep in (1, 12, 24, 40):
         options = dict(plus=True, knn=3, min_keep=min_keep)
         result = prumerge(tokens, keys, attn, **options)
         assert_matches_reference(result, tokens, keys, attn, **options)

@@ -41,3 +41,14 @@ def test_the_tokens_reaching_the_projector_are_the_releases(batch):
     for row in range(batch):
         expected, _ = fastervlm_release(run.hidden_states[-2][row], run.attentions[-2][row], 16)
         torch.testing.assert_close(got[row].double(), expected)
+
+
+def test_the_consumer_layer_is_an_option():
+    # prumerge's former default: the layer that consumes the features (attentions[-1] here).
+    model = release_llava()
+    pixels = images(2)
+    run = run_tower(model, pixels)
+    got, _ = projector_inputs(model, "cls_topk", pixels, keep=16, attention_source="consumer")
+    for row in range(2):
+        expected, _ = fastervlm_release(run.hidden_states[-2][row], run.attentions[-1][row], 16)
+        torch.testing.assert_close(got[row].double(), expected)

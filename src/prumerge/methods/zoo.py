@@ -93,16 +93,22 @@ class ClsTopK(VisionMethod):
 
     As in the released FasterVLM code, the attention is that of the layer that outputs the
     selected features (``attentions[-2]`` for LLaVA-1.5), averaged over heads, and the kept
-    patches go to the LLM unchanged in raster order. See ``prumerge.ops.cls_topk``; the keys
+    patches go to the LLM unchanged in raster order; ``attention_source="consumer"`` reads
+    the layer that consumes them instead. See ``prumerge.ops.cls_topk``; the keys
     only decide which kept patch each dropped patch is drawn as belonging to.
     """
 
     needs_attention = True
-    attention_source = "producer"
 
-    def __init__(self, keep: int | float = 64, importance: str = "auto") -> None:
+    def __init__(
+        self, keep: int | float = 64, importance: str = "auto", attention_source: str = "producer"
+    ) -> None:
         self.keep = check_keep(keep)
         self.importance = check_choice("importance", importance, IMPORTANCE_CHOICES)
+        # "consumer" (the layer that reads the features, PruMerge's) was the former default.
+        self.attention_source = check_choice(  # type: ignore[misc]
+            "attention_source", attention_source, ("producer", "consumer")
+        )
 
     def reduce(self, inputs: VisionInputs) -> Reduction:
         _require(inputs, self.name, attn=True)

@@ -75,6 +75,11 @@ _REDUCE: dict[str, Any] = {
     "steps": 300,
 }
 
+# The shipped default variant was trained when "prumerge+" meant today's prumerge+ with
+# spatial="grid" and "visionzip@64" today's visionzip with contextual_merge="mean",
+# metric="keys", cls_token=False (issue 24 made the defaults the released code's). Mixture
+# entries cannot carry options yet, so these stages now train with the new defaults; see
+# docs/training.md.
 # The last three stages (reduce-2, reduce-3, default) differ only in seed and length.
 _FOCUS: dict[str, Any] = {
     **_REDUCE,
