@@ -41,8 +41,13 @@ def main() -> None:
         image_size=336,
         patch_size=14,
     )
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=4, vocab_size=100)
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=100,
+    )
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
