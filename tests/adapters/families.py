@@ -26,6 +26,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -212,6 +214,27 @@ def _qwen2_vl(attn: str, seed: int) -> torch.nn.Module:
     return _set_attn(_peaked(Qwen2VLForConditionalGeneration(config).eval()), attn)
 
 
+def _qwen3_vl(attn: str, seed: int) -> torch.nn.Module:
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": 32,
+        "num_position_embeddings": 16,  # a 4x4 learned grid, interpolated to each image
+        "deepstack_visual_indexes": [0, 1],  # added after LLM layers 0 and 1
+    }
+    torch.manual_seed(seed)
+    config = _qwen_config(Qwen3VLConfig, vision)
+    config.text_config.head_dim = 8
+    config.text_config.rope_parameters["mrope_interleaved"] = True
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    return _set_attn(_peaked(model), attn)
+
+
 def _qwen_images(kinds: list[int], seed: int) -> dict[str, Any]:
     grids = torch.tensor([QWEN_GRIDS[k] for k in kinds])
     # Processor layout: one row of (channels x 2 frames x 4 x 4) values per ViT patch.
@@ -233,6 +256,7 @@ CASES = {
     ),
     "qwen2_5_vl": Case("qwen2_5_vl", _qwen2_5_vl, _qwen_images, kinds=3),
     "qwen2_vl": Case("qwen2_vl", _qwen2_vl, _qwen_images, kinds=3),
+    "qwen3_vl": Case("qwen3_vl", _qwen3_vl, _qwen_images, kinds=3),
 }
 
 

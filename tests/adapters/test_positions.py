@@ -78,7 +78,7 @@ def test_given_position_ids_keep_their_gaps_with_original_positions():
     assert cut["position_ids"][:, -1].tolist() == given[:, -1].tolist()
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_kept_tokens_keep_their_original_3d_rope_indices(family):
     case = CASES[family]
     model = case.build("sdpa", 0)
@@ -121,7 +121,7 @@ def test_kept_tokens_keep_their_original_3d_rope_indices(family):
     assert out.shape[1] == ids.shape[1] + 3
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
 def test_original_positions_survive_beam_search_and_several_sequences(family):
     case = CASES[family]
     model = case.build("sdpa", 0)

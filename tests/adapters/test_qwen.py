@@ -1,4 +1,4 @@
-"""Qwen2.5-VL and Qwen2-VL: importance after the PatchMerger, in raster order; downsample."""
+"""Qwen2.5-VL, Qwen2-VL and Qwen3-VL: importance after the PatchMerger, in raster order; downsample."""
 
 import inspect
 
@@ -59,7 +59,7 @@ def reference_importance(model, pixel_values, grid):
     return results
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_importance_is_pooled_mean_attention_in_raster_order(family):
     case = CASES[family]
     model = case.build("sdpa", 0)
@@ -95,7 +95,7 @@ def test_windowed_blocks_see_a_permuted_order():
     assert model.config.vision_config.window_size == 16
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_downsample_runs_the_tower_on_smaller_images(family):
     case = CASES[family]
     model = case.build("sdpa", 0)

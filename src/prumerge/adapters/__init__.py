@@ -2,7 +2,8 @@
 
 One module per model family, each a ``FamilyAdapter`` registered in ``FAMILIES``:
 ``llava`` (LLaVA-1.5), ``llava_next`` (LLaVA-NeXT), ``llava_onevision`` (LLaVA-OneVision) and
-``qwen2_5_vl`` (Qwen2.5-VL and Qwen2-VL). ``prumerge.apply`` picks the family from the model's
+``qwen2_5_vl`` (Qwen2.5-VL and Qwen2-VL), ``qwen3_vl`` (Qwen3-VL), ``internvl`` (InternVL3)
+and ``gemma3`` (Gemma 3). ``prumerge.apply`` picks the family from the model's
 class. LLM-side methods (FastV) go through ``llm.LanguagePatch`` instead.
 """
 
@@ -10,6 +11,7 @@ from prumerge.adapters import llava as _llava  # noqa: F401  (registers the fami
 from prumerge.adapters import llava_next as _llava_next  # noqa: F401
 from prumerge.adapters import llava_onevision as _llava_onevision  # noqa: F401
 from prumerge.adapters import qwen2_5_vl as _qwen2_5_vl  # noqa: F401
+from prumerge.adapters import qwen3_vl as _qwen3_vl  # noqa: F401
 from prumerge.adapters.base import FAMILIES, Encoded, FamilyAdapter, TokenStats, supported_models
 from prumerge.adapters.handle import Handle, apply
 

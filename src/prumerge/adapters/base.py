@@ -55,12 +55,16 @@ class Encoded:
         anchors: per image, (L_i,) int64: the placeholder (index within the image's
             unreduced run) whose position each token takes with ``positions="original"``:
             a kept patch its own, a merged token its anchor patch (``Reduction.anchors``).
+        placements: per image, ``(group, row)``: its row of ``reductions[group]``, for
+            adapters that reduce every image as one row (empty where images have several
+            views).
     """
 
     features: list[torch.Tensor]
     tokens_in: list[int]
     reductions: list[Reduction]
     anchors: list[torch.Tensor]
+    placements: list[tuple[int, int]] = field(default_factory=list)
 
 
 class FamilyAdapter:
@@ -69,7 +73,10 @@ class FamilyAdapter:
 
     Subclasses set the class attributes and implement ``placeholder_counts`` and ``encode``;
     M-RoPE families also implement ``rope_positions`` (and ``resized_rope_positions`` if
-    they support resizing methods).
+    they support resizing methods). Families whose LLM needs more than the shortened
+    sequence override the hooks ``bind_prompt`` (image inputs read off the prompt),
+    ``sequence_inputs`` (inputs that follow the tokens through the cut) and ``arm`` /
+    ``disarm`` (side inputs the decoder reads at the kept image positions).
     """
 
     #: Name of the family in ``FAMILIES`` and the README's table.
@@ -127,6 +134,27 @@ class FamilyAdapter:
         """(3, B, L') M-RoPE indices of the shrunk prompt when the images were resized
         (``downsample``): the indices of the smaller images."""
         raise NotImplementedError
+
+    # -- hooks for families whose LLM needs more than the shortened sequence --------------
+    def bind_prompt(self, input_ids: torch.Tensor, images: dict[str, Any]) -> dict[str, Any]:
+        """The image inputs, completed from the prompt where only the prompt says (InternVL:
+        how many tiles each image has). Called before ``placeholder_counts``; default: as
+        given."""
+        return images
+
+    def sequence_inputs(self, packed: Packed, images: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Extra forward inputs over the shortened sequence, carried through the cut from the
+        caller's own (Gemma 3's ``token_type_ids``, which make its image blocks
+        bidirectional). They are returned by ``Handle.prepare_inputs`` and passed to the
+        model's own ``forward``/``generate``. Default: none."""
+        return {}
+
+    def arm(self, packed: Packed, encoded: Encoded) -> None:
+        """Get ready for the forward or generate call that follows ``prepare_inputs``
+        (Qwen3-VL: the DeepStack features of the kept tokens). Default: nothing."""
+
+    def disarm(self) -> None:
+        """End what ``arm`` started; called after every call and by ``Handle.remove``."""
 
 
 #: The registered families, in the order they are listed in errors and docs.

@@ -31,6 +31,8 @@ from prumerge.methods import LanguageMethod, Method
 from prumerge.ops import Reduction
 
 POSITION_CHOICES = ("compact", "original")
+#: The keys every ``prepare_inputs`` result has; anything else is a family's own input.
+PREPARED_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "inputs_embeds")
 BUDGET_PER_CHOICES = ("image", "view")
 _MISSING = object()
 
@@ -111,6 +113,7 @@ class Handle:
             else:
                 setattr(model, name, saved)
         del model._prumerge_handle
+        self.adapter.disarm()
         if self.fastv is not None:
             self.fastv.remove()
 
@@ -183,8 +186,10 @@ class Handle:
         Returns:
             ``input_ids``, ``attention_mask``, ``labels`` and ``position_ids`` (None where not
             given and not needed) over the shortened sequence, and ``inputs_embeds`` with the
-            reduced features in the image positions, all on the input embeddings' device.
-            Gradients flow from ``inputs_embeds`` into the projector and the embeddings.
+            reduced features in the image positions, all on the input embeddings' device;
+            plus the family's own inputs over the shortened sequence, where it has any
+            (Gemma 3: ``token_type_ids``, carried from the caller's). Gradients flow from
+            ``inputs_embeds`` into the projector and the embeddings.
         """
         images = {"pixel_values": pixel_values, **image_inputs}
         embed = self.model.get_input_embeddings()
@@ -193,6 +198,7 @@ class Handle:
         attention_mask = None if attention_mask is None else attention_mask.to(device)
         labels = None if labels is None else labels.to(device)
         position_ids = None if position_ids is None else position_ids.to(device)
+        images = self.adapter.bind_prompt(input_ids, images)
         mask_4d = attention_mask is not None and attention_mask.ndim == 4
         if left_pad is None:
             left_pad = (
@@ -248,6 +254,8 @@ class Handle:
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_positions[..., None], values.to(inputs_embeds.dtype)
             )
+        family_inputs = self.adapter.sequence_inputs(packed, images)
+        self.adapter.arm(packed, encoded)
         return {
             "input_ids": packed.input_ids,
             "attention_mask": packed.attention_mask_4d(attention_mask)  # type: ignore[arg-type]
@@ -256,6 +264,7 @@ class Handle:
             "labels": packed.labels,
             "position_ids": positions,
             "inputs_embeds": inputs_embeds,
+            **family_inputs,
         }
 
     def _positions(
@@ -289,6 +298,7 @@ class Handle:
         return packed.carry(position_ids, source)
 
     def _disarm(self) -> None:
+        self.adapter.disarm()
         if self.fastv is not None:
             self.fastv.disarm()
 
@@ -329,6 +339,7 @@ class Handle:
         kwargs["inputs_embeds"] = prepared["inputs_embeds"]
         if kwargs.get("labels") is not None:
             kwargs["labels"] = prepared["labels"]
+        kwargs.update({k: v for k, v in prepared.items() if k not in PREPARED_KEYS})
         try:
             return self._original_forward(*args, **kwargs)
         finally:
@@ -353,6 +364,7 @@ class Handle:
         kwargs["inputs_embeds"] = prepared["inputs_embeds"]
         if prepared["position_ids"] is not None:
             kwargs["position_ids"] = prepared["position_ids"]
+        kwargs.update({k: v for k, v in prepared.items() if k not in PREPARED_KEYS})
         try:
             output = self._original_generate(*args, **kwargs)
         finally:

@@ -121,6 +121,7 @@ class Qwen25VLAdapter(FamilyAdapter):
             )
         features: list[torch.Tensor | None] = [None] * len(counts)
         anchors: list[torch.Tensor | None] = [None] * len(counts)
+        placements: list[tuple[int, int]] = [(0, 0)] * len(counts)
         reductions: list[Reduction] = []
         llm_grids = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid.tolist()]
         for shape in dict.fromkeys(llm_grids):  # images of one grid shape go together
@@ -145,6 +146,7 @@ class Qwen25VLAdapter(FamilyAdapter):
                 reduction.lengths.tolist(),
                 strict=True,
             ):
+                placements[i] = (len(reductions) - 1, members.index(i))
                 features[i] = tokens[:length]
                 anchors[i] = anchor[:length]  # merger groups are the placeholders, in raster order
         self._last_grid = grid
@@ -153,6 +155,7 @@ class Qwen25VLAdapter(FamilyAdapter):
             tokens_in=tokens_in,
             reductions=reductions,
             anchors=anchors,  # type: ignore[arg-type]
+            placements=placements,
         )
 
     def _window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
