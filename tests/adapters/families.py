@@ -16,6 +16,10 @@ from typing import Any
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -90,6 +94,11 @@ class Case:
         kinds: how many image kinds (sizes) the case has.
         multi_image: whether a prompt may hold several images.
         extra: per-call inputs that depend on the rows (``batch_num_images``).
+        counts: ``counts(model, inputs, kinds)`` -> tokens per image as the unpatched
+            model makes them, for families the default below does not cover.
+        token_types: the name of the input that marks image tokens (``mm_token_type_ids``,
+            Gemma 3's ``token_type_ids``), or None.
+        refuses: methods the family refuses, each with a part of its one-line error.
     """
 
     family: str
@@ -98,9 +107,17 @@ class Case:
     kinds: int
     multi_image: bool = True
     row_inputs: Callable[[list[list[int]]], dict[str, Any]] = field(default=lambda rows: {})
+    counts: Callable[[torch.nn.Module, dict[str, Any], list[int]], list[int]] | None = None
+    token_types: str | None = None
+    refuses: dict[str, str] = field(default_factory=dict)
 
-    def placeholder_counts(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[int]:
+    def placeholder_counts(
+        self, model: torch.nn.Module, inputs: dict[str, Any], kinds: list[int]
+    ) -> list[int]:
         """Tokens per image as the unpatched model makes them (its own code)."""
+        if self.counts is not None:
+            with torch.no_grad():
+                return self.counts(model, inputs, kinds)
         with torch.no_grad():
             if self.family == "llava":
                 out = model.model.get_image_features(inputs["pixel_values"]).pooler_output
@@ -244,19 +261,136 @@ def _qwen_images(kinds: list[int], seed: int) -> dict[str, Any]:
     return {"pixel_values": torch.cat(rows), "image_grid_thw": grids}
 
 
+#: InternVL tiles per image kind: one tile (no thumbnail), 2 + thumbnail, 4 + thumbnail.
+INTERNVL_TILES = [1, 3, 5]
+INTERNVL_TILE = 56  # 8x8 patches of 7 px, pixel-shuffled into 4x4 tokens
+
+
+def _internvl(attn: str, seed: int) -> torch.nn.Module:
+    config = InternVLConfig(
+        vision_config={
+            **VISION,
+            "image_size": INTERNVL_TILE,
+            "patch_size": 7,
+            "use_qk_norm": True,  # as InternViT-6B: q and k are normed before attention
+            "norm_type": "rms_norm",
+        },
+        text_config=dict(TEXT, model_type="qwen2"),
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=16,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # peaked attention: the q norm's gain, since q is normed
+        for layer in model.model.vision_tower.encoder.layer:
+            layer.attention.q_norm.weight.mul_(6.0)
+    return _set_attn(model, attn)
+
+
+def _internvl_images(kinds: list[int], seed: int) -> dict[str, Any]:
+    tiles = [_draw((INTERNVL_TILES[k], 3, INTERNVL_TILE, INTERNVL_TILE), k, seed) for k in kinds]
+    return {"pixel_values": torch.cat(tiles)}
+
+
+def _internvl_counts(model: torch.nn.Module, inputs: dict[str, Any], kinds: list[int]) -> list[int]:
+    per_tile = model.model.get_image_features(inputs["pixel_values"]).pooler_output.shape[1]
+    return [INTERNVL_TILES[k] * per_tile for k in kinds]
+
+
+GEMMA_IMAGE = 56  # 8x8 patches of 7 px, pooled 2x2 into 4x4 tokens
+
+
+def _gemma3(attn: str, seed: int) -> torch.nn.Module:
+    config = Gemma3Config(
+        vision_config={
+            **VISION,
+            "image_size": GEMMA_IMAGE,
+            "patch_size": 7,
+            "vision_use_head": False,
+        },
+        text_config=dict(
+            TEXT,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=12,  # shorter than the prompts: the sliding layers see a window
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        mm_tokens_per_image=16,
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=97,
+        eoi_token_index=96,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the projection starts at zero: give the images some weight
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
+    model = _peaked(model)
+    model.model.language_model.set_attn_implementation(attn)
+    return _set_attn(model, attn)
+
+
+def _gemma3_images(kinds: list[int], seed: int) -> dict[str, Any]:
+    # Scaled differently, so that the attention and the adaptive counts differ.
+    shape = (3, GEMMA_IMAGE, GEMMA_IMAGE)
+    return {
+        "pixel_values": torch.stack([_draw(shape, k, seed) * (1.0, 3.0, 0.3)[k] for k in kinds])
+    }
+
+
+def _gemma3_counts(model: torch.nn.Module, inputs: dict[str, Any], kinds: list[int]) -> list[int]:
+    out = model.model.get_image_features(inputs["pixel_values"]).pooler_output
+    return [out.shape[1]] * out.shape[0]
+
+
 def _per_row(rows: list[list[int]]) -> dict[str, Any]:
     return {"batch_num_images": torch.tensor([len(r) for r in rows])}
 
 
+ANYRES_FIXED = "anyres views have the tower's fixed size"
+QK_NORM = "normalises q and k per head \\(QK-norm\\)"
 CASES = {
     "llava": Case("llava", _llava, _llava_images, kinds=3),
-    "llava_next": Case("llava_next", _llava_next, _anyres_images, kinds=3),
-    "llava_onevision": Case(
-        "llava_onevision", _llava_onevision, _anyres_images, kinds=3, row_inputs=_per_row
+    "llava_next": Case(
+        "llava_next", _llava_next, _anyres_images, kinds=3, refuses={"downsample": ANYRES_FIXED}
     ),
-    "qwen2_5_vl": Case("qwen2_5_vl", _qwen2_5_vl, _qwen_images, kinds=3),
-    "qwen2_vl": Case("qwen2_vl", _qwen2_vl, _qwen_images, kinds=3),
-    "qwen3_vl": Case("qwen3_vl", _qwen3_vl, _qwen_images, kinds=3),
+    "llava_onevision": Case(
+        "llava_onevision",
+        _llava_onevision,
+        _anyres_images,
+        kinds=3,
+        row_inputs=_per_row,
+        refuses={"downsample": ANYRES_FIXED},
+    ),
+    "qwen2_5_vl": Case(
+        "qwen2_5_vl", _qwen2_5_vl, _qwen_images, kinds=3, token_types="mm_token_type_ids"
+    ),
+    "qwen2_vl": Case("qwen2_vl", _qwen2_vl, _qwen_images, kinds=3, token_types="mm_token_type_ids"),
+    "qwen3_vl": Case(
+        "qwen3_vl",
+        _qwen3_vl,
+        _qwen_images,
+        kinds=3,
+        token_types="mm_token_type_ids",
+        refuses={"fastv": QK_NORM},
+    ),
+    "internvl": Case(
+        "internvl",
+        _internvl,
+        _internvl_images,
+        kinds=3,
+        counts=_internvl_counts,
+        refuses={"downsample": "its tiles have the tower's fixed size"},
+    ),
+    "gemma3": Case(
+        "gemma3",
+        _gemma3,
+        _gemma3_images,
+        kinds=3,
+        counts=_gemma3_counts,
+        token_types="token_type_ids",
+        refuses={"downsample": "pools the tower's fixed grid", "fastv": QK_NORM},
+    ),
 }
 
 
@@ -270,7 +404,7 @@ def build_batch(
     kinds = [k for _, row_kinds in rows for k in row_kinds]
     inputs = case.images(kinds, seed)
     inputs.update(case.row_inputs([row_kinds for _, row_kinds in rows]))
-    counts = case.placeholder_counts(model, inputs)
+    counts = case.placeholder_counts(model, inputs, kinds)
     ids_rows, image = [], 0
     for parts, row_kinds in rows:
         assert len(parts) == len(row_kinds) + 1
@@ -284,7 +418,7 @@ def build_batch(
     inputs["attention_mask"] = torch.tensor(
         [[0] * (width - len(r)) + [1] * len(r) for r in ids_rows]
     )
-    if case.family.startswith("qwen"):
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE_TOKEN).int()
+    if case.token_types is not None:
+        inputs[case.token_types] = (inputs["input_ids"] == IMAGE_TOKEN).int()
     inputs["counts"] = counts
     return inputs

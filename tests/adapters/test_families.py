@@ -20,6 +20,18 @@ SPECIAL = [96, 97, 98, 99]
 MULTI = [([[3, 4], [5], [6, 7]], [0, 1]), ([[5], [6, 7]], [2])]
 
 
+def family_methods(pairs):
+    """``(family, method, options)`` for every family and every ``(method, options)`` of
+    ``pairs`` it runs; what a family refuses, ``test_refused_methods_give_one_line_errors``
+    checks."""
+    return [
+        pytest.param(family, method, options, id=f"{method}-{i}-{family}")
+        for family, case in CASES.items()
+        for i, (method, options) in enumerate(pairs)
+        if method not in case.refuses
+    ]
+
+
 def model_inputs(inputs):
     return {k: v for k, v in inputs.items() if k != "counts"}
 
@@ -66,15 +78,16 @@ def test_every_family_has_a_case():
     assert set(CASES) == set(FAMILIES)
 
 
-@FAMILY
 @pytest.mark.parametrize(
-    ("method", "options"),
-    [
-        ("none", {}),
-        ("prumerge", {"keep": 1.0}),
-        ("visionzip", {"keep": 1.0}),
-        ("fastv", {"keep": 1.0}),
-    ],
+    ("family", "method", "options"),
+    family_methods(
+        [
+            ("none", {}),
+            ("prumerge", {"keep": 1.0}),
+            ("visionzip", {"keep": 1.0}),
+            ("fastv", {"keep": 1.0}),
+        ]
+    ),
 )
 def test_nothing_removed_matches_the_unpatched_model(family, method, options):
     case = CASES[family]
@@ -88,15 +101,16 @@ def test_nothing_removed_matches_the_unpatched_model(family, method, options):
     assert handle.stats.tokens_out == handle.stats.tokens_in == inputs["counts"]
 
 
-@FAMILY
 @pytest.mark.parametrize(
-    ("method", "options"),
-    [
-        ("prumerge", {}),
-        ("prumerge+", {"keep": 0.5}),
-        ("visionzip", {"keep": 6}),
-        ("fastv", {"keep": 5}),
-    ],
+    ("family", "method", "options"),
+    family_methods(
+        [
+            ("prumerge", {}),
+            ("prumerge+", {"keep": 0.5}),
+            ("visionzip", {"keep": 6}),
+            ("fastv", {"keep": 5}),
+        ]
+    ),
 )
 def test_batched_rows_equal_rows_alone(family, method, options):
     case = CASES[family]
@@ -210,3 +224,14 @@ def test_unsupported_settings_give_one_line_errors(family):
             model(**model_inputs(inputs), pixel_values_videos=torch.zeros(1))
     for error in (info.value,):
         assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [(family, method) for family, case in CASES.items() for method in case.refuses],
+)
+def test_refused_methods_give_one_line_errors(family, method):
+    model = CASES[family].build("sdpa", 0)
+    with pytest.raises(PrumergeError, match=CASES[family].refuses[method]) as info:
+        prumerge.apply(model, method, keep=4)
+    assert "\n" not in str(info.value) and str(info.value).startswith(method)

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 import prumerge
 
 from .families import CASES, build_batch
-from .test_families import FAMILY, ROWS, answers, generate, model_inputs
+from .test_families import FAMILY, ROWS, answers, family_methods, generate, model_inputs
 
 
 def tiny_tokenizer():
@@ -90,9 +90,9 @@ def test_stop_strings_and_zero_new_tokens():
     assert reduced.shape[0] == 3
 
 
-@FAMILY
 @pytest.mark.parametrize(
-    ("method", "options"), [("none", {}), ("prumerge", {"keep": 6}), ("fastv", {"keep": 5})]
+    ("family", "method", "options"),
+    family_methods([("none", {}), ("prumerge", {"keep": 6}), ("fastv", {"keep": 5})]),
 )
 def test_right_padded_forward_rows_equal_rows_alone(family, method, options):
     case = CASES[family]
@@ -102,8 +102,8 @@ def test_right_padded_forward_rows_equal_rows_alone(family, method, options):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     order = torch.argsort((mask == 0).long(), dim=1, stable=True)
     right = dict(inputs, input_ids=ids.gather(1, order), attention_mask=mask.gather(1, order))
-    if "mm_token_type_ids" in right:
-        right["mm_token_type_ids"] = inputs["mm_token_type_ids"].gather(1, order)
+    if case.token_types is not None:
+        right[case.token_types] = inputs[case.token_types].gather(1, order)
     with prumerge.apply(model, method, **options) as handle, torch.no_grad():
         batch = model(**model_inputs(right)).logits
         images = {

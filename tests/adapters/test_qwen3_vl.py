@@ -131,10 +131,8 @@ def test_every_pass_without_a_cache_sees_the_deepstack_features(model):
 def test_llm_side_methods_inside_the_deepstack_layers_are_refused(model):
     with pytest.raises(PrumergeError, match="DeepStack features .* supported: layer >= 2"):
         prumerge.apply(model, "fastv", keep=4, layer=1)
-    with prumerge.apply(model, "fastv", keep=4, layer=2) as handle:
-        inputs = build_batch(CASE, model, ROWS)
-        logits(model, inputs)
-        assert handle.stats.tokens_out == [4, 4, 4]
+    with pytest.raises(PrumergeError, match="QK-norm"):
+        prumerge.apply(model, "fastv", keep=4, layer=2)
 
 
 def test_shortened_prompt_marks_exactly_the_kept_tokens(model):

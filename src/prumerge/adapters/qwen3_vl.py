@@ -67,6 +67,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 f"features to the image positions after layers 0-{depth - 1}; supported: "
                 f"layer >= {depth}"
             )
+        if method.side == "llm" and hasattr(self.language_model.layers[0].self_attn, "q_norm"):
+            raise PrumergeError(
+                f"{method.name} is not supported on {self.title}: its decoder normalises q and "
+                f"k per head (QK-norm), which the LLM-side attention read does not apply"
+            )
         self._deepstack: list[list[torch.Tensor]] = []  # per image, per layer: (L_i, H)
         #: Per image of the last call, ``(group, row)``: its row of ``Handle.last_reductions``.
         self.last_placements: list[tuple[int, int]] = []
