@@ -41,9 +41,11 @@ def test_projected_methods_see_projected_patches_and_send_them_unchanged(family)
     images.pop("mm_token_type_ids", None)
     method = KeepEveryOther()
     with prumerge.apply(model, method) as handle, torch.no_grad():
+        images = handle.adapter.bind_prompt(inputs["input_ids"], images)  # InternVL's tiles
         encoded = handle.adapter.encode(images)
     assert method.seen and all(seen.space == "projected" for seen in method.seen)
-    projector = handle.adapter.projector
+    # Gemma 3's projector pools first: its per-token part maps tower to projected tokens.
+    projector = getattr(handle.adapter, "project_tokens", handle.adapter.projector)
     sent = torch.cat([f for f in encoded.features])
     returned = []
     for seen, reduction in zip(method.seen, encoded.reductions, strict=True):

@@ -19,7 +19,10 @@ within the sliding window on sliding layers). The caller's ``token_type_ids`` ar
 with the placeholders, so each reduced image is one block of exactly its kept tokens, and
 the model's own mask code builds the mask from them; without ``token_type_ids`` the model
 (and so the patched model) attends causally. Positions: ``compact`` or ``original`` (1-D
-RoPE). ``downsample`` is refused: the projector pools the tower's fixed grid.
+RoPE). ``downsample`` is refused: the projector pools the tower's fixed grid. A method that
+selects on the projector's outputs (``feature_space="projected"``) gets the pooled tokens
+normed and projected, with the pooled tokens beside them as ``tower_features``, and its
+tokens reach the LLM as they are.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from prumerge.adapters.base import Encoded, FamilyAdapter, register_family
 from prumerge.adapters.sequence import Packed
 from prumerge.adapters.towers import capture, execution_device, resolve_importance
 from prumerge.errors import PrumergeError
-from prumerge.methods import Method, VisionInputs, VisionMethod
+from prumerge.methods import Method, VisionInputs, VisionMethod, projects_first
 from prumerge.ops import mean_attention
 
 _MISSING = object()
@@ -100,7 +103,7 @@ class Gemma3Adapter(FamilyAdapter):
         grid = per_patch.transpose(1, 2).reshape(images, channels, side, side)
         return self.projector.avg_pool(grid.contiguous()).flatten(2).transpose(1, 2)
 
-    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+    def project_tokens(self, pooled: torch.Tensor) -> torch.Tensor:
         """The projector's per-token part (its norm and projection) on (..., C) tokens."""
         projector = self.projector
         normed = projector.mm_soft_emb_norm(pooled)
@@ -119,14 +122,23 @@ class Gemma3Adapter(FamilyAdapter):
             received = mean_attention(q, k, num_heads=self.num_heads)
             inputs.keys = self._pool(k.float())
             inputs.cls_attn = self._pool(received[..., None])[..., 0]
+        device = execution_device(self.projector)
+        projected_space = projects_first(self.method)
+        if projected_space:
+            inputs.tower_features = inputs.features
+            inputs.features = self.project_tokens(inputs.features.to(device))  # (I, t * t, H)
+            inputs.space = "projected"
+            if inputs.keys is not None and inputs.cls_attn is not None:
+                inputs.keys, inputs.cls_attn = inputs.keys.to(device), inputs.cls_attn.to(device)
         reduction = self.method.reduce(inputs)
         lengths = reduction.lengths.tolist()
-        device = execution_device(self.projector)
         if all(n == self.tokens_per_image for n in lengths):
             # Nothing removed: the model's own projector, for exact parity.
             projected = self.projector(hidden.to(device))
+        elif projected_space:
+            projected = reduction.tokens  # the projector's outputs already
         else:
-            projected = self._project(reduction.tokens.to(device))
+            projected = self.project_tokens(reduction.tokens.to(device))
         return Encoded(
             features=[row[:n] for row, n in zip(projected, lengths, strict=True)],
             tokens_in=[self.tokens_per_image] * len(lengths),

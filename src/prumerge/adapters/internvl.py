@@ -28,7 +28,9 @@ pops) when given; otherwise read off the prompt, where each image is one run of 
 (default) splits an image's budget over its tiles in proportion to their tokens (largest
 remainders, at least one each); ``"view"`` gives every tile the budget. Adaptive methods
 choose per tile. Positions: ``compact`` or ``original``, as on LLaVA-1.5 (the LLM's RoPE is
-1-D).
+1-D). A method that selects on the projector's outputs (``feature_space="projected"``) gets
+every tile's tokens projected (the projector works token by token), with the pixel-shuffled
+tokens beside them as ``tower_features``, and its tokens reach the LLM as they are.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch import nn
 from prumerge.adapters.base import Encoded, FamilyAdapter, register_family
 from prumerge.adapters.towers import capture, execution_device
 from prumerge.errors import PrumergeError
-from prumerge.methods import Method, VisionInputs, VisionMethod
+from prumerge.methods import Method, VisionInputs, VisionMethod, projects_first
 from prumerge.ops import Reduction, cls_attention, mean_attention
 from prumerge.ops.select import budget_count, split_budget
 
@@ -218,6 +220,14 @@ class InternVLAdapter(FamilyAdapter):
         tiles = self._tiles(images)
         tokens_in = [n * self.tokens_per_tile for n in tiles]
         inputs = self._run(images["pixel_values"])
+        raw = inputs.features  # (T, n, group * C)
+        projected_space = projects_first(self.method)
+        if projected_space:
+            device = execution_device(self.projector)
+            inputs.tower_features = raw
+            inputs.features = self.projector(raw.to(device))  # (T, n, H)
+            if inputs.keys is not None and inputs.cls_attn is not None:
+                inputs.keys, inputs.cls_attn = inputs.keys.to(device), inputs.cls_attn.to(device)
         budgets = self._budgets(tiles, tokens_in)
         groups: dict[int | None, list[int]] = defaultdict(list)
         for tile, budget in enumerate(budgets):
@@ -229,11 +239,15 @@ class InternVLAdapter(FamilyAdapter):
         for budget, members in groups.items():
             index = torch.tensor(members, device=inputs.features.device)
             batch = VisionInputs(
-                features=inputs.features[index],
-                keys=None if inputs.keys is None else inputs.keys[index],
-                cls_attn=None if inputs.cls_attn is None else inputs.cls_attn[index],
+                features=inputs.features[index.to(inputs.features.device)],
+                keys=None if inputs.keys is None else inputs.keys[index.to(inputs.keys.device)],
+                cls_attn=None
+                if inputs.cls_attn is None
+                else inputs.cls_attn[index.to(inputs.cls_attn.device)],
                 grid=self.grid,
                 budget=budget,
+                space="projected" if projected_space else "tower",
+                tower_features=None if not projected_space else raw[index.to(raw.device)],
             )
             reduction = self.method.reduce(batch)
             reductions.append(reduction)
@@ -246,7 +260,7 @@ class InternVLAdapter(FamilyAdapter):
             ):
                 outs[tile], anchors[tile] = tokens[:length], anchor[:length].cpu()
                 reduced[tile] = length < self.tokens_per_tile
-        features, image_anchors = self._assemble(inputs.features, tiles, outs, anchors, reduced)
+        features, image_anchors = self._assemble(raw, tiles, outs, anchors, reduced)
         return Encoded(
             features=features, tokens_in=tokens_in, reductions=reductions, anchors=image_anchors
         )
@@ -274,7 +288,9 @@ class InternVLAdapter(FamilyAdapter):
                 features.append(full[start : start + count].flatten(0, 1))
                 image_anchors.append(torch.arange(count * self.tokens_per_tile))
                 continue
-            features.append(projector(torch.cat([outs[t] for t in own]).to(device)))
+            tokens = torch.cat([outs[t] for t in own])
+            # Tokens of a projected-space method are the projector's outputs already.
+            features.append(tokens if projects_first(self.method) else projector(tokens.to(device)))
             image_anchors.append(
                 torch.cat([anchors[t] + j * self.tokens_per_tile for j, t in enumerate(own)])
             )
