@@ -47,7 +47,9 @@ def measure(images: int, keep: int, seed: int = 0) -> dict[str, float]:
         seen = []
         with prumerge.apply(model, "cls_topk", keep=keep, importance=importance) as handle:
             original = handle.method.reduce
-            handle.method.reduce = lambda batch: seen.append(batch) or original(batch)
+            handle.method.reduce = lambda batch, seen=seen, original=original: (
+                seen.append(batch) or original(batch)
+            )
             handle.encode_images(pixels, num_patches=[1] * images)
             kept[importance] = handle.last_reductions[0].kept_mask  # (images, n)
         signals[importance] = seen[0].cls_attn  # (images, n)
