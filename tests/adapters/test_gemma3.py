@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import prumerge
+from prumerge.errors import PrumergeError
 
 from .families import CASES, IMAGE_TOKEN, build_batch
 from .test_families import MULTI, ROWS, logits, model_inputs
@@ -112,3 +113,11 @@ def test_importance_and_keys_are_pooled_over_the_projectors_windows(model):
     torch.testing.assert_close(batch.cls_attn, windows(received[..., None])[..., 0])
     torch.testing.assert_close(batch.keys, windows(k), rtol=1e-5, atol=1e-6)
     assert batch.grid == (4, 4) and handle.adapter.importance == "mean"
+
+
+def test_tome_merges_after_the_tower_and_refuses_to_merge_inside(model):
+    with pytest.raises(PrumergeError, match="projector pools the whole patch grid"):
+        prumerge.apply(model, "tome", keep=4, where="tower")
+    with prumerge.apply(model, "tome", keep=4) as handle:  # where="auto": after the tower
+        handle.encode_images(CASE.images([0, 1], seed=1)["pixel_values"])
+        assert [int(n) for n in handle.last_reduction.lengths] == [4, 4]

@@ -128,3 +128,12 @@ def test_mean_is_the_default_importance(model):
         assert handle.adapter.importance == "mean"
     with prumerge.apply(model, "prumerge", importance="cls") as handle:
         assert handle.adapter.importance == "cls"
+
+
+def test_tome_merges_after_the_tower_and_refuses_to_merge_inside(model):
+    with pytest.raises(PrumergeError, match="pixel shuffle needs every 2x2 patch group"):
+        prumerge.apply(model, "tome", keep=4, where="tower")
+    inputs = build_batch(CASE, model, ROWS)
+    with prumerge.apply(model, "tome", keep=0.25) as handle:  # where="auto"
+        generate(model, inputs, max_new_tokens=1)
+        assert handle.stats.tokens_out == [4, 12, 20]

@@ -34,7 +34,12 @@ from torch import nn
 
 from prumerge.adapters.base import Encoded, FamilyAdapter, register_family
 from prumerge.adapters.sequence import Packed
-from prumerge.adapters.towers import capture, execution_device, resolve_importance
+from prumerge.adapters.towers import (
+    capture,
+    execution_device,
+    refuse_tower_merge,
+    resolve_importance,
+)
 from prumerge.errors import PrumergeError
 from prumerge.methods import Method, VisionInputs, VisionMethod, projects_first
 from prumerge.ops import mean_attention
@@ -70,6 +75,7 @@ class Gemma3Adapter(FamilyAdapter):
                 f"{model.config.text_config.sliding_window} tokens, neither of which the "
                 f"LLM-side pruning handles"
             )
+        refuse_tower_merge(method, f"{self.title}'s projector pools the whole patch grid")
         projector = self.projector
         self.patches_per_side = projector.patches_per_image
         side = projector.tokens_per_side
@@ -116,7 +122,7 @@ class Gemma3Adapter(FamilyAdapter):
         pixel_values = pixel_values.to(device=execution_device(tower), dtype=dtype)
         with capture({"q": self.query, "k": self.key}) as captured:
             hidden = tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
-        inputs = VisionInputs(features=self._pool(hidden), grid=self.grid)  # (I, t * t, C)
+        inputs = VisionInputs(features=self._pool(hidden), grid=self.grid, key_heads=self.num_heads)
         if self.importance is not None:
             q, k = captured["q"], captured["k"]  # (I, p * p, C)
             received = mean_attention(q, k, num_heads=self.num_heads)

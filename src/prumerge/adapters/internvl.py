@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prumerge.adapters.base import Encoded, FamilyAdapter, register_family
-from prumerge.adapters.towers import capture, execution_device
+from prumerge.adapters.towers import capture, execution_device, refuse_tower_merge
 from prumerge.errors import PrumergeError
 from prumerge.methods import Method, VisionInputs, VisionMethod, projects_first
 from prumerge.ops import Reduction, cls_attention, mean_attention
@@ -72,6 +72,7 @@ class InternVLAdapter(FamilyAdapter):
                 f"{method.name} is not supported on {self.title}: its tiles have the tower's "
                 f"fixed size; use pool for a spatial baseline"
             )
+        refuse_tower_merge(method, f"{self.title}'s pixel shuffle needs every 2x2 patch group")
         strategy = config.vision_feature_select_strategy
         if strategy != "default":
             raise PrumergeError(
@@ -187,7 +188,7 @@ class InternVLAdapter(FamilyAdapter):
             hidden = out.hidden_states[self.feature_layer]
         patches = hidden[:, 1:]  # (T, N, C), [CLS] dropped as the model does
         tokens = self._shuffle(patches).flatten(2)  # (T, n, group * C), the model's layout
-        inputs = VisionInputs(features=tokens, grid=self.grid)
+        inputs = VisionInputs(features=tokens, grid=self.grid, key_heads=self.num_heads)
         if self.importance is not None:
             q, k = captured["q"], captured["k"]  # (T, 1 + N, C)
             if self.importance == "cls":
@@ -246,6 +247,7 @@ class InternVLAdapter(FamilyAdapter):
                 else inputs.cls_attn[index.to(inputs.cls_attn.device)],
                 grid=self.grid,
                 budget=budget,
+                key_heads=self.num_heads,
                 space="projected" if projected_space else "tower",
                 tower_features=None if not projected_space else raw[index.to(raw.device)],
             )
