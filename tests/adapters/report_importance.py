@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     for name, value in measure(args.images, args.keep).items():
-        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+        print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
 
 
 if __name__ == "__main__":

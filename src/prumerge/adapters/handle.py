@@ -147,7 +147,8 @@ class Handle:
         Args:
             pixel_values: the images as the family's processor makes them.
             **image_inputs: the family's other image inputs (``image_sizes`` for LLaVA-NeXT
-                and OneVision, ``image_grid_thw`` for Qwen2-VL/2.5-VL).
+                and OneVision, ``image_grid_thw`` for Qwen2-VL/2.5-VL/3-VL, ``num_patches``,
+                the tiles of each image, for InternVL).
         """
         return self._encode({"pixel_values": pixel_values, **image_inputs}).features
 
@@ -181,7 +182,8 @@ class Handle:
             left_pad: re-pad on the left; default: when the 2-D mask is padded on the left.
                 Rows with a 4-D mask are never re-padded on the left.
             **image_inputs: the family's other image inputs (``image_sizes``,
-                ``image_grid_thw``, ``batch_num_images``, ``mm_token_type_ids``).
+                ``image_grid_thw``, ``batch_num_images``, ``mm_token_type_ids``, Gemma 3's
+                ``token_type_ids``, InternVL's ``num_patches``).
 
         Returns:
             ``input_ids``, ``attention_mask``, ``labels`` and ``position_ids`` (None where not
@@ -414,16 +416,17 @@ def apply(
 
     Args:
         model: a model of a supported family (``prumerge.adapters.FAMILIES``): LLaVA-1.5,
-            LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen2-VL.
+            LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, Qwen3-VL, InternVL3 or Gemma 3.
         method: a registered method name (see ``prumerge.methods.method_names()``) or a
             ``Method`` instance.
         positions: ``"compact"`` (default on 1-D RoPE models): kept tokens get consecutive
             positions; ``"original"``: each kept token keeps the position it had before
             reduction, and text after the image continues as it would without reduction.
             M-RoPE models (Qwen) always keep their original 3-D indices.
-        budget_per: on anyres models (LLaVA-NeXT, OneVision), ``"image"``: a fixed budget
-            covers each image's views together (split over them in proportion to their
-            patches); ``"view"``: every view gets the budget. See docs/families.md.
+        budget_per: on anyres models (LLaVA-NeXT, OneVision) and InternVL's tiles,
+            ``"image"``: a fixed budget covers each image's views together (split over them
+            in proportion to their patches); ``"view"``: every view (tile) gets the budget.
+            See docs/families.md.
         **options: the method's options, e.g. ``keep=0.25``, ``knn=32``, ``importance="mean"``.
 
     Returns:
