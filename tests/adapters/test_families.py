@@ -203,6 +203,25 @@ def test_several_images_per_prompt(family):
 
 
 @FAMILY
+def test_images_with_different_kept_counts_share_a_batch(family):
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, MULTI)  # row 0 holds two images
+    # A ratio of images of different sizes, or PruMerge+'s adaptive count where they all
+    # have one size: the images keep different numbers of tokens.
+    for options in ({"keep": 0.5}, {}):
+        with prumerge.apply(model, "prumerge+", **options) as handle:
+            batch = generate(model, inputs)
+            counts = handle.stats.tokens_out
+            rows = [build_batch(case, model, [row]) for row in MULTI]
+            alone = [answers(generate(model, one), one)[0] for one in rows]
+        if len(set(counts)) > 1:
+            break
+    assert len(set(counts)) > 1, counts
+    assert answers(batch, inputs) == alone
+
+
+@FAMILY
 def test_unsupported_settings_give_one_line_errors(family):
     case = CASES[family]
     model = case.build("sdpa", 0)
