@@ -109,6 +109,7 @@ def test_nothing_removed_matches_the_unpatched_model(family, method, options):
             ("prumerge+", {"keep": 0.5}),
             ("visionzip", {"keep": 6}),
             ("fastv", {"keep": 5}),
+            ("vispruner", {"keep": 6}),
         ]
     ),
 )
@@ -160,7 +161,8 @@ def test_remove_restores_the_model_bit_identically(family):
 
 @FAMILY
 @pytest.mark.parametrize(
-    "method", ["prumerge", "prumerge+", "visionzip", "cls_topk", "random", "tome", "divprune"]
+    "method",
+    ["prumerge", "prumerge+", "visionzip", "cls_topk", "random", "tome", "divprune", "vispruner"],
 )
 def test_budgets_are_exact(family, method):
     case = CASES[family]

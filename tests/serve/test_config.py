@@ -19,6 +19,7 @@ SERVABLE = {
     "prumerge+": {"keep": 64},
     "visionzip": {"keep": 64},
     "cls_topk": {"keep": 64},
+    "vispruner": {"keep": 64},
     "pool": {"keep": 64},
     "random": {"keep": 64},
     # ToMe merges inside the tower by default; the plugin merges after it.
