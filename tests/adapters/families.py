@@ -349,6 +349,8 @@ def _per_row(rows: list[list[int]]) -> dict[str, Any]:
 
 ANYRES_FIXED = "anyres views have the tower's fixed size"
 QK_NORM = "normalises q and k per head \\(QK-norm\\)"
+#: The LLM-side methods, which the QK-norm decoders refuse.
+LLM_SIDE = ("fastv", "dart")
 CASES = {
     "llava": Case("llava", _llava, _llava_images, kinds=3),
     "llava_next": Case(
@@ -372,7 +374,7 @@ CASES = {
         _qwen_images,
         kinds=3,
         token_types="mm_token_type_ids",
-        refuses={"fastv": QK_NORM},
+        refuses={m: QK_NORM for m in LLM_SIDE},
     ),
     "internvl": Case(
         "internvl",
@@ -389,7 +391,7 @@ CASES = {
         kinds=3,
         counts=_gemma3_counts,
         token_types="token_type_ids",
-        refuses={"downsample": "pools the tower's fixed grid", "fastv": QK_NORM},
+        refuses={"downsample": "pools the tower's fixed grid", **{m: QK_NORM for m in LLM_SIDE}},
     ),
 }
 

@@ -86,6 +86,7 @@ def test_every_family_has_a_case():
             ("prumerge", {"keep": 1.0}),
             ("visionzip", {"keep": 1.0}),
             ("fastv", {"keep": 1.0}),
+            ("dart", {"keep": 1.0}),
         ]
     ),
 )
@@ -110,6 +111,7 @@ def test_nothing_removed_matches_the_unpatched_model(family, method, options):
             ("visionzip", {"keep": 6}),
             ("fastv", {"keep": 5}),
             ("vispruner", {"keep": 6}),
+            ("dart", {"keep": 5}),
         ]
     ),
 )

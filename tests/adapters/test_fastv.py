@@ -133,7 +133,7 @@ def test_rows_with_different_image_counts_equal_rows_alone(model):
 
 def test_two_dimensional_masks_follow_the_kept_columns():
     # Flash attention hands the layers a (B, kv) padding mask instead of a 4-D one.
-    from prumerge.adapters.fastv import _plan
+    from prumerge.adapters.pruning import _plan
 
     dropped = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
     padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)

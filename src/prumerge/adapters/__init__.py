@@ -17,6 +17,10 @@ from prumerge.adapters import qwen3_vl as _qwen3_vl  # noqa: F401
 from prumerge.adapters import internvl as _internvl  # noqa: F401
 from prumerge.adapters import gemma3 as _gemma3  # noqa: F401
 
+# The LLM-side patches, registered by name in ``llm.LANGUAGE_PATCHES``.
+from prumerge.adapters import fastv as _fastv  # noqa: F401
+from prumerge.adapters import dart as _dart  # noqa: F401
+
 # isort: on
 from prumerge.adapters.base import FAMILIES, Encoded, FamilyAdapter, TokenStats, supported_models
 from prumerge.adapters.handle import Handle, apply

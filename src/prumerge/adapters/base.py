@@ -28,12 +28,16 @@ class TokenStats:
         vision_seconds: vision tower + reduction + projector time of the last call.
         llm_full_layers: LLM layers that saw all ``tokens_in`` before pruning (FastV's K; 0
             for vision-side methods).
+        llm_layer_tokens: LLM-side methods only: per image, the image tokens every decoder
+            layer sees (methods that prune in stages see fewer layer by layer); empty for
+            vision-side methods.
     """
 
     tokens_in: list[int] = field(default_factory=list)
     tokens_out: list[int] = field(default_factory=list)
     vision_seconds: float = 0.0
     llm_full_layers: int = 0
+    llm_layer_tokens: list[list[int]] = field(default_factory=list)
 
     @property
     def mean_in(self) -> float:
@@ -42,6 +46,14 @@ class TokenStats:
     @property
     def mean_out(self) -> float:
         return sum(self.tokens_out) / max(len(self.tokens_out), 1)
+
+    @property
+    def equivalent_tokens(self) -> list[float]:
+        """Per image, the image tokens averaged over the LLM's layers (the "equivalent
+        tokens" LLM-side papers report); ``tokens_out`` for vision-side methods."""
+        if not self.llm_layer_tokens:
+            return [float(n) for n in self.tokens_out]
+        return [sum(layers) / len(layers) for layers in self.llm_layer_tokens]
 
 
 @dataclass

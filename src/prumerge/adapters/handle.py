@@ -249,6 +249,9 @@ class Handle:
             )
             self.stats.tokens_out = kept
             self.stats.llm_full_layers = self.fastv.layer
+            self.stats.llm_layer_tokens = [
+                self.fastv.layer_tokens(int(n)) for n in lengths.tolist()
+            ]
         inputs_embeds = embed(packed.input_ids)
         image_positions = packed.input_ids == image_token_id
         if encoded.features:

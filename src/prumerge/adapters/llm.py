@@ -3,7 +3,8 @@
 A family adapter hands over its decoder (``FamilyAdapter.language_model``, a module with a
 ``layers`` list); the patch registered for the method's name wraps those layers on this one
 instance, and the ``Handle`` arms it before every call with where each image's tokens are in
-the (already shrunk) sequence. Nothing here knows a model family.
+the (already shrunk) sequence. Nothing here knows a model family. The patches that drop
+tokens in stages share one mechanism, ``prumerge.adapters.pruning.StagedPruning``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class LanguagePatch:
     """
 
     layer: int
+
+    def layer_tokens(self, count: int, num_layers: int | None = None) -> list[int]:
+        """The tokens an image of ``count`` tokens has in every decoder layer (the exact
+        accounting behind the "equivalent tokens" of multi-stage methods)."""
+        raise NotImplementedError
 
     def __init__(self, language_model: nn.Module, method: LanguageMethod) -> None:
         raise NotImplementedError
@@ -67,8 +73,8 @@ def register_language_patch(name: str) -> Callable[[P], P]:
 
 
 def patch_language_model(method: LanguageMethod, language_model: nn.Module) -> LanguagePatch:
-    import prumerge.adapters.fastv  # noqa: F401  (registers the built-in patches)
-
+    """The registered patch of ``method`` on this decoder (``prumerge.adapters`` imports
+    the built-in patches, as it does the families)."""
     patch = LANGUAGE_PATCHES.get(method.name)
     if patch is None:
         raise PrumergeError(

@@ -1,0 +1,618 @@
+"""The shared mechanism of every LLM-side method: image tokens dropped from the sequence in
+stages inside the decoder (FastV, DART, PyramidDrop, SparseVLM).
+
+A method's patch (a ``StagedPruning`` subclass, one small file per method) says only:
+
+- ``stage_layers``: the decoder layers that first run on each stage's shorter sequence;
+- ``stage_counts(n)``: how many of an image's ``n`` tokens survive each stage;
+- ``score(view)``: a score per current token at the start of a stage (``StageView``): each
+  image keeps its ``stage_counts`` highest-scoring tokens (ties to the earlier token).
+
+Everything else is here: layers 0..first-1 see every token; from each stage layer on the
+dropped tokens are removed from the hidden states, the rotary position embeddings, the
+attention mask and the KV cache of the later layers, so they really run on the shorter
+sequence. Kept tokens keep their original positions, or (``compact_positions``) positions
+renumbered without the dropped tokens, as PyramidDrop's release does (not on M-RoPE models,
+whose 3-D indices are always kept).
+
+Rows may drop different numbers of tokens (images of different sizes, different image counts
+per row): the shorter rows are then padded at the front with copies of their last real token,
+whose key columns are masked for every query, so each row's result does not depend on the
+others.
+
+Attention weights, where a method needs them, are computed by the method's patch from the
+inputs of the attention module it reads (captured by a scoped pre-hook, ``capture_layers``),
+for the few queries it needs, so the model can run with eager, sdpa or flash attention, with
+a 4-D, 2-D or no attention mask, and with left or right padding. The choices are made once per
+call, at its first forward pass, and reused by later steps, with or without the KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prumerge.adapters.llm import LanguagePatch
+from prumerge.errors import PrumergeError
+from prumerge.methods import LanguageMethod
+
+_MISSING = object()
+
+
+@dataclass
+class Captured:
+    """The inputs of one attention module in the call's first forward pass.
+
+    Attributes:
+        hidden: (B, Lc, H) its (normed) input, over the rows current at that layer.
+        position_embeddings: (cos, sin) of those rows, as the module received them.
+    """
+
+    hidden: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StageView:
+    """What a method's patch sees at the start of one stage (the first forward pass).
+
+    Rows are the current rows of the shortened sequence: ``rows[b, j]`` is the prompt
+    position row j of batch row b holds (front padding copies a row's last real token).
+
+    Attributes:
+        stage: index into ``stage_layers``.
+        layer: the stage's first layer (its input is ``hidden``).
+        hidden: (B, Lc, H) the input of ``layer``: the output of layer ``layer - 1``.
+        rows: (B, Lc) int64, the prompt position of every current row.
+        real: (B, Lc) bool, True for real tokens (not padding, not front copies).
+        image: (B, Lc) int64, the image of every current row (numbered across the batch),
+            -1 for text and padding.
+        last: (B,) int64, the current row of every batch row's last real token.
+        position_embeddings: (cos, sin) of the current rows as ``layer`` would see them
+            before this stage's drop.
+        positions: (B, Lc) int64, the position index of every current row (its rotary
+            position: original or compact; the row's prompt position on M-RoPE models).
+        ordinal: (B, Lc) int64, every current row's index among its batch row's real prompt
+            tokens (its position in the unpadded prompt).
+        captured: the inputs of the attention modules of ``capture_layers``, by layer index.
+        embeddings: (B, L, H) the decoder's input embeddings (when ``needs_embeddings``).
+        keep: (I,) int64, the tokens every image keeps from this stage on.
+    """
+
+    stage: int
+    layer: int
+    hidden: torch.Tensor
+    rows: torch.Tensor
+    real: torch.Tensor
+    image: torch.Tensor
+    last: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    positions: torch.Tensor
+    ordinal: torch.Tensor
+    captured: dict[int, Captured]
+    embeddings: torch.Tensor | None
+    keep: torch.Tensor
+
+
+@dataclass
+class _Call:
+    """State of one generate (or forward) call."""
+
+    image: torch.Tensor  # (B, L) image of each prompt token, -1 elsewhere
+    padding_mask: torch.Tensor  # (B, L) True for real tokens
+    counts: torch.Tensor  # (S, I) tokens each image keeps from each stage on
+    captured: dict[int, Captured] = field(default_factory=dict)
+    embeddings: torch.Tensor | None = None
+    by_stage: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, L) cumulative
+    plan: _Plan | None = None  # the current stage's rows and columns of this pass
+    rows: torch.Tensor | None = None  # (B, Lc) pass rows the current hidden states hold
+    real_rows: torch.Tensor | None = None  # (B, Lc) which of them are not front copies
+    position_ids: torch.Tensor | None = None  # the pass's position ids (compact: shifted)
+
+    @property
+    def dropped(self) -> torch.Tensor | None:
+        """(B, L) the prompt positions the last chosen stage drops (None before any)."""
+        return self.by_stage[-1] if self.by_stage else None
+
+
+class StagedPruning(LanguagePatch):
+    """Wraps the decoder layers from the first stage layer on, of one language model.
+
+    Subclasses set ``stage_layers`` (and may set ``capture_layers``, ``needs_embeddings``,
+    ``compact_positions``) in ``__init__`` before calling ``super().__init__``, and implement
+    ``stage_counts`` and ``score``.
+    """
+
+    #: The layers that first run on each stage's sequence, increasing.
+    stage_layers: list[int]
+    #: Layers whose attention inputs the first forward pass records (``StageView.captured``).
+    capture_layers: tuple[int, ...] = ()
+    #: Record the decoder's input embeddings (``StageView.embeddings``).
+    needs_embeddings: bool = False
+    #: Renumber positions without the dropped tokens (1-D RoPE only).
+    compact_positions: bool = False
+
+    def __init__(self, language_model: nn.Module, method: LanguageMethod) -> None:
+        name = method.name
+        layers = getattr(language_model, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise PrumergeError(
+                f"{name} needs a LLaMA-style decoder with .layers; got {type(language_model).__name__}"
+            )
+        stages = list(self.stage_layers)
+        if not stages or stages != sorted(set(stages)) or stages[0] < 1:
+            raise PrumergeError(f"{name}: stage layers {stages} must increase from 1")
+        if stages[-1] >= len(layers):
+            raise PrumergeError(
+                f"{name}: stage layer {stages[-1]} must be in 1..{len(layers) - 1} "
+                f"(the decoder has {len(layers)} layers)"
+            )
+        self.name = name
+        self.language_model = language_model
+        self.layers = layers
+        self.layer = stages[0]
+        self.rotary = rotary_function(layers[0].self_attn, name)
+        self.call: _Call | None = None
+        first = stages[0]
+        self._saved = [vars(layers[i]).get("forward", _MISSING) for i in range(first, len(layers))]
+        for index in range(first, len(layers)):
+            module = layers[index]
+            stage = stages.index(index) if index in stages else None
+            module.forward = self._wrap(module.forward, stage)
+        self._hooks = [
+            layers[i].self_attn.register_forward_pre_hook(
+                functools_partial(self._capture, i), with_kwargs=True
+            )
+            for i in self.capture_layers
+        ]
+        if self.needs_embeddings:
+            self._hooks.append(
+                layers[0].register_forward_pre_hook(self._capture_embeddings, with_kwargs=True)
+            )
+
+    # -- what a method's patch implements ------------------------------------------------
+    def stage_counts(self, count: int) -> list[int]:
+        """Tokens an image of ``count`` tokens keeps from each stage on (non-increasing)."""
+        raise NotImplementedError
+
+    def score(self, view: StageView) -> torch.Tensor:
+        """(B, Lc) float: each image keeps its highest-scoring current tokens."""
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def remove(self) -> None:
+        first = self.layer
+        for index, saved in zip(range(first, len(self.layers)), self._saved, strict=True):
+            module = self.layers[index]
+            if saved is _MISSING:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = saved  # accelerate's hooked forward, for example
+        for hook in self._hooks:
+            hook.remove()
+
+    def arm(self, image: torch.Tensor, padding_mask: torch.Tensor) -> list[int]:
+        images = int(image.max()) + 1 if image.numel() else 0
+        counts = torch.bincount(image[image >= 0], minlength=images)  # (I,)
+        per_stage = [self.stage_counts(int(n)) for n in counts.tolist()]
+        for n, kept in zip(counts.tolist(), per_stage, strict=True):
+            if len(kept) != len(self.stage_layers) or any(
+                b > a for a, b in zip([n, *kept], kept, strict=False)
+            ):
+                raise PrumergeError(f"{self.name}: bad stage counts {kept} for {n} tokens")
+        table = torch.tensor(per_stage, dtype=torch.long, device=image.device).view(
+            images, len(self.stage_layers)
+        )
+        self.call = _Call(image=image, padding_mask=padding_mask, counts=table.T.contiguous())
+        return [kept[-1] for kept in per_stage]
+
+    def layer_tokens(self, count: int, num_layers: int | None = None) -> list[int]:
+        """The tokens an image of ``count`` tokens has in every decoder layer."""
+        num_layers = len(self.layers) if num_layers is None else num_layers
+        kept = self.stage_counts(count)
+        tokens = []
+        for index in range(num_layers):
+            stage = sum(1 for s in self.stage_layers if s <= index) - 1
+            tokens.append(count if stage < 0 else kept[stage])
+        return tokens
+
+    def disarm(self) -> None:
+        self.call = None
+
+    def _capture(self, index: int, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = self.call
+        if call is None or call.by_stage and len(call.by_stage) == len(self.stage_layers):
+            return
+        if index in call.captured:
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        call.captured[index] = Captured(hidden, kwargs.get("position_embeddings"))
+
+    def _capture_embeddings(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = self.call
+        if call is not None and call.embeddings is None and not call.by_stage:
+            call.embeddings = kwargs.get("hidden_states", args[0] if args else None)
+
+    # -- the wrapped layers --------------------------------------------------------------
+    def _wrap(self, original: Callable[..., Any], stage: int | None) -> Callable[..., Any]:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            call = self.call
+            if call is None:
+                return original(hidden_states, *args, **kwargs)
+            if stage is not None:
+                hidden_states = self._enter_stage(call, stage, hidden_states, kwargs)
+            elif call.plan is None:
+                raise PrumergeError(f"{self.name}: a stage layer did not run before this one")
+            return original(hidden_states, *args, **self._apply(call, kwargs))
+
+        return forward
+
+    def _apply(self, call: _Call, kwargs: dict[str, Any]) -> dict[str, Any]:
+        assert call.plan is not None
+        applied = call.plan.apply(kwargs)
+        if self.compact_positions and call.position_ids is not None:
+            rows = call.plan.keep_rows
+            ids = call.position_ids
+            if rows is not None:
+                ids = ids.expand(rows.shape[0], -1).gather(1, rows.to(ids.device))
+            cos, sin = self.language_model.rotary_emb(applied["position_embeddings"][0], ids)
+            applied["position_embeddings"] = (cos, sin)
+            applied["position_ids"] = ids
+        return applied
+
+    def _enter_stage(
+        self, call: _Call, stage: int, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Drop this stage's tokens from ``hidden`` (this pass's current rows) and plan the
+        layers up to the next stage."""
+        cos = kwargs["position_embeddings"][0]
+        q_len = cos.shape[-2]
+        batch = max(hidden.shape[0], call.padding_mask.shape[0])
+        device = hidden.device
+        if stage == 0:
+            call.rows = torch.arange(q_len, device=device).expand(batch, q_len)
+            call.real_rows = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+            call.position_ids = None
+        if len(call.by_stage) == stage:  # the call's first pass: choose
+            if q_len != call.image.shape[1]:
+                raise PrumergeError(
+                    f"{self.name}: the first forward pass must see the whole prompt"
+                )
+            view = self._view(call, stage, hidden, kwargs)
+            call.by_stage.append(self._drop(call, stage, view))
+            if len(call.by_stage) == len(self.stage_layers):
+                call.captured.clear()
+                call.embeddings = None
+        dropped = call.by_stage[stage]
+        plan = _plan(hidden, kwargs, dropped, call.padding_mask, q_len=q_len)
+        assert call.rows is not None and call.real_rows is not None
+        new_rows = (
+            plan.keep_rows.to(device)
+            if plan.keep_rows is not None
+            else torch.arange(q_len, device=device).expand(batch, q_len)
+        )
+        # Where each new row is among the current ones (front copies are never sources).
+        where = torch.full((batch, q_len + 1), 0, dtype=torch.long, device=device)
+        slots = torch.arange(call.rows.shape[1], device=device).expand_as(call.rows)
+        target = torch.where(call.real_rows, call.rows, q_len)
+        where.scatter_(1, target, slots)
+        source = where.gather(1, new_rows)
+        hidden = hidden.expand(batch, *hidden.shape[1:])
+        hidden = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+        width = new_rows.shape[1]
+        count = (~_pass_dropped(dropped, plan)).sum(dim=1)
+        call.real_rows = torch.arange(width, device=device)[None, :] >= (width - count)[:, None]
+        call.rows = new_rows
+        call.plan = plan
+        if self.compact_positions:
+            call.position_ids = self._compact_ids(kwargs, dropped, plan)
+        return hidden
+
+    def _compact_ids(
+        self, kwargs: dict[str, Any], dropped: torch.Tensor, plan: _Plan
+    ) -> torch.Tensor | None:
+        """(B, q_len) this pass's position ids less the dropped prompt tokens before each."""
+        ids = kwargs.get("position_ids")
+        if ids is None or ids.ndim != 2:
+            return None  # M-RoPE (3-D indices) keeps its original positions
+        device = ids.device
+        full = _pass_full(dropped.to(device), plan.kv_len)
+        before = full.long().cumsum(dim=1) - full.long()  # (B, kv) dropped columns before
+        start = plan.kv_len - plan.q_len
+        batch = full.shape[0]
+        return ids.expand(batch, -1) - before[:, start:]
+
+    def _view(
+        self, call: _Call, stage: int, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> StageView:
+        device = hidden.device
+        assert call.rows is not None and call.real_rows is not None
+        rows, real = call.rows, call.real_rows
+        padding = call.padding_mask.to(device)
+        batch = rows.shape[0]
+        real = real & padding.expand(batch, -1).gather(1, rows)
+        image = call.image.to(device).expand(batch, -1).gather(1, rows)
+        image = torch.where(real, image, -1)
+        slots = torch.arange(rows.shape[1], device=device)
+        last = torch.where(real, slots, -1).max(dim=1).values
+        if stage == 0:
+            embeddings = kwargs["position_embeddings"]
+            positions = kwargs.get("position_ids")
+        else:
+            applied = self._apply(call, kwargs)
+            embeddings = applied["position_embeddings"]
+            positions = applied.get("position_ids")
+        if positions is None or positions.ndim != 2:
+            positions = rows
+        cos, sin = embeddings
+        return StageView(
+            stage=stage,
+            layer=self.stage_layers[stage],
+            hidden=hidden.expand(batch, *hidden.shape[1:]),
+            rows=rows,
+            real=real,
+            image=image,
+            last=last,
+            position_embeddings=(
+                cos.expand(batch, *cos.shape[1:]),
+                sin.expand(batch, *sin.shape[1:]),
+            ),
+            positions=positions.expand(batch, -1).to(device),
+            ordinal=(padding.long().cumsum(dim=1) - 1).expand(batch, -1).gather(1, rows),
+            captured=call.captured,
+            embeddings=call.embeddings,
+            keep=call.counts[stage].to(device),
+        )
+
+    def _drop(self, call: _Call, stage: int, view: StageView) -> torch.Tensor:
+        """(B, L) the prompt positions dropped from this stage on (cumulative)."""
+        score = self.score(view).float()
+        keep = top_per_image(score, view.image, view.keep)  # (B, Lc)
+        batch, length = call.image.shape
+        device = score.device
+        dropped = (
+            call.by_stage[-1].clone()
+            if call.by_stage
+            else torch.zeros(batch, length, dtype=torch.bool, device=device)
+        )
+        drop_now = (view.image >= 0) & ~keep
+        b, j = drop_now.nonzero(as_tuple=True)
+        dropped[b, view.rows[b, j]] = True
+        return dropped
+
+
+def top_per_image(score: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the ``keep[i]`` highest-``score`` tokens of every image i (ties to the
+    earlier token); False for every token with ``image < 0``.
+
+    Args:
+        score: (B, L) float.
+        image: (B, L) int64, the image of every token, -1 elsewhere.
+        keep: (I,) int64.
+    """
+    where = (image >= 0).nonzero()  # (M, 2), row-major: in sequence order
+    owner = image[where[:, 0], where[:, 1]]  # (M,)
+    value = score[where[:, 0], where[:, 1]]
+    by_score = torch.sort(value, descending=True, stable=True).indices
+    order = by_score[torch.sort(owner[by_score], stable=True).indices]  # by image, then score
+    counts = torch.bincount(owner, minlength=keep.shape[0])
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=score.device) - starts[owner[order]]
+    kept = torch.zeros_like(image, dtype=torch.bool)
+    kept[where[:, 0], where[:, 1]] = rank < keep.to(score.device)[owner]
+    return kept
+
+
+def functools_partial(function: Callable[..., Any], first: Any) -> Callable[..., Any]:
+    return lambda *args, **kwargs: function(first, *args, **kwargs)
+
+
+def _pass_full(dropped: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, total) the pass's dropped columns: the prompt's, then nothing new."""
+    batch = dropped.shape[0]
+    full = torch.zeros(batch, total, dtype=torch.bool, device=dropped.device)
+    length = min(dropped.shape[1], total)
+    full[:, :length] = dropped[:, :length]
+    return full
+
+
+def _pass_dropped(dropped: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """(B, q_len) which of the pass's query rows are dropped."""
+    full = _pass_full(dropped.to(plan.keep_columns.device), plan.kv_len)
+    return full[:, plan.kv_len - plan.q_len :]
+
+
+@dataclass
+class _Plan:
+    """Which query rows and key columns of one forward pass survive in one stage's layers.
+
+    Rows that keep fewer tokens than the longest are padded at the front: their extra query
+    rows copy the row's last real token, and their extra key columns point at column
+    ``kv_len``, a column appended to the mask that no query may attend to.
+    """
+
+    keep_rows: torch.Tensor | None  # (B, q') indices into the pass's q_len rows; None: all
+    keep_columns: torch.Tensor  # (B, kv') indices into the kv_len columns (kv_len: blocked)
+    q_len: int
+    kv_len: int
+    padded: bool  # some row has blocked columns
+
+    def take_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.keep_rows is None:
+            return tensor
+        batch = self.keep_rows.shape[0]
+        tensor = tensor.expand(batch, *tensor.shape[1:])
+        index = self.keep_rows.to(tensor.device)[..., None].expand(-1, -1, tensor.shape[-1])
+        return tensor.gather(1, index)
+
+    def apply(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = dict(kwargs)
+        if self.keep_rows is not None:
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = (self.take_rows(cos), self.take_rows(sin))
+            position_ids = kwargs.get("position_ids")
+            if position_ids is not None and position_ids.shape[-1] == self.q_len:
+                rows = self.keep_rows.to(position_ids.device)
+                kwargs["position_ids"] = position_ids.expand(rows.shape[0], -1).gather(1, rows)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+            kwargs["attention_mask"] = self._mask_4d(mask)
+        elif isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[-1] == self.kv_len:
+            # (B, kv) padding mask (flash attention): keep the surviving columns.
+            columns = self.keep_columns.to(mask.device)
+            blocked = torch.zeros_like(mask[:, :1])
+            kwargs["attention_mask"] = torch.cat([mask, blocked], dim=1).gather(1, columns)
+        elif mask is None and self.padded:
+            kwargs["attention_mask"] = self._causal_mask()
+        return kwargs
+
+    def _mask_4d(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, q, kv): keep the surviving query rows and key columns."""
+        batch = self.keep_columns.shape[0]
+        mask = mask.expand(batch, -1, -1, -1)
+        if mask.shape[-1] == self.kv_len:
+            blocked = torch.finfo(mask.dtype).min if mask.is_floating_point() else False
+            mask = torch.cat([mask, torch.full_like(mask[..., :1], blocked)], dim=-1)
+            cols = self.keep_columns.to(mask.device)[:, None, None, :]
+            mask = mask.gather(3, cols.expand(-1, mask.shape[1], mask.shape[2], -1))
+        if self.keep_rows is not None and mask.shape[2] == self.q_len:
+            rows = self.keep_rows.to(mask.device)[:, None, :, None]
+            mask = mask.gather(2, rows.expand(-1, mask.shape[1], -1, mask.shape[3]))
+        return mask
+
+    def _causal_mask(self) -> torch.Tensor:
+        """A boolean (B, 1, q', kv') causal mask over the original columns, for passes that
+        had no mask (sdpa without padding) but now pad some rows."""
+        columns = self.keep_columns  # (B, kv')
+        start = self.kv_len - self.q_len
+        rows = (
+            self.keep_rows
+            if self.keep_rows is not None
+            else torch.arange(self.q_len, device=columns.device).expand(columns.shape[0], -1)
+        )
+        query_position = (rows + start)[:, :, None]  # (B, q', 1)
+        allowed = (columns[:, None, :] <= query_position) & (columns[:, None, :] < self.kv_len)
+        return allowed[:, None]
+
+
+def _plan(
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+    dropped: torch.Tensor,
+    padding_mask: torch.Tensor,
+    q_len: int | None = None,
+) -> _Plan:
+    """Plan the layers of one stage in a forward pass of ``q_len`` tokens (default: the
+    length of ``hidden``), ``dropped`` (B, L) the prompt positions they do not see."""
+    batch = hidden.shape[0]
+    q_len = hidden.shape[1] if q_len is None else q_len
+    device = hidden.device
+    mask = kwargs.get("attention_mask")
+    # transformers 5.23 passes the cache as past_key_values, later releases as cache.
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if isinstance(mask, torch.Tensor) and mask.ndim in (2, 4):
+        total = mask.shape[-1]  # (B, [1, q,] kv): kv is the whole sequence so far
+    else:
+        # Layer 0 has already stored this pass's keys, so its cache length is the total.
+        total = cache.get_seq_length(0) if cache is not None else 0
+    total = max(total, q_len)  # without a cache, the inputs are the whole sequence
+    start = total - q_len
+    dropped = dropped.to(device)
+    prompt_len = min(dropped.shape[1], total)
+    full = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    full[:, :prompt_len] = dropped[:, :prompt_len]
+
+    keep_columns = _front_padded(~full, fill=torch.full((batch,), total, device=device))
+    rows_kept = ~full[:, start:]
+    if bool(rows_kept.all()):
+        keep_rows = None
+    else:
+        # Front padding rows copy the row's last real token of this pass.
+        padding = padding_mask.to(device)
+        within = torch.arange(q_len, device=device)
+        real = (
+            padding[:, start:]
+            if padding.shape[1] >= total
+            else torch.ones(batch, q_len, dtype=torch.bool, device=device)
+        )
+        last = torch.where(real & rows_kept, within, -1).max(dim=1).values.clamp(min=0)
+        keep_rows = _front_padded(rows_kept, fill=last)
+    padded = bool(((~full).sum(dim=1) != (~full).sum(dim=1)[0]).any())
+    return _Plan(
+        keep_rows=keep_rows, keep_columns=keep_columns, q_len=q_len, kv_len=total, padded=padded
+    )
+
+
+def _front_padded(keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """(B, W) indices of the True entries of each row of ``keep``, in order, right-aligned
+    to the longest row; rows with fewer entries start with ``fill[b]``."""
+    batch, length = keep.shape
+    count = keep.sum(dim=1)
+    width = int(count.max())
+    positions = torch.arange(length, device=keep.device).expand(batch, length)
+    order = torch.argsort(torch.where(keep, positions, positions + length), dim=1, stable=True)
+    slots = torch.arange(width, device=keep.device).expand(batch, width)
+    source = slots - (width - count)[:, None]  # < 0 in the front padding
+    taken = order.gather(1, source.clamp(min=0))
+    return torch.where(source >= 0, taken, fill[:, None].expand(batch, width))
+
+
+def rotary_function(
+    attention: nn.Module, name: str
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The ``apply_rotary_pos_emb`` of the attention module's own model file."""
+    module = inspect.getmodule(type(attention))
+    function = getattr(module, "apply_rotary_pos_emb", None)
+    if function is None or not all(
+        hasattr(attention, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")
+    ):
+        raise PrumergeError(
+            f"{name} supports LLaMA-style attention with rotary embeddings; got {type(attention).__name__}"
+        )
+    return function
+
+
+def attention_scores(
+    attention: nn.Module,
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    queries: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The softmax attention of a few query rows of one attention module, recomputed from its
+    input (q/k projections and rotary embeddings; grouped key heads repeated).
+
+    Args:
+        attention: the module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
+        rotary: its ``apply_rotary_pos_emb``.
+        hidden: (B, L, H) its (normed) input.
+        position_embeddings: (cos, sin), (B or 1, L, D).
+        queries: (B, Q) int64 rows whose attention is wanted.
+        key_mask: (B, Q, L) bool, True where query q may attend to key l.
+
+    Returns:
+        (B, heads, Q, L) float32 attention weights.
+    """
+    batch, length, _ = hidden.shape
+    head_dim = attention.head_dim
+    cos, sin = position_embeddings
+    cos, sin = cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:])
+    index = queries[..., None]
+    picked = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
+    query = attention.q_proj(picked).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    q_cos = cos.gather(1, index.expand(-1, -1, cos.shape[-1]))
+    q_sin = sin.gather(1, index.expand(-1, -1, sin.shape[-1]))
+    query = rotary(query, query, q_cos, q_sin)[0]
+    key = rotary(key, key, cos, sin)[0]
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query heads
+    logits = (query @ key.transpose(-1, -2)).float() * attention.scaling  # (B, h, Q, L)
+    logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
+    return logits.softmax(dim=-1)
