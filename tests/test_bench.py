@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from prumerge.bench import BenchConfig, MemoryMeter, parse_configs
+from prumerge.bench import MemoryMeter, parse_configs
 from prumerge.cli import main
 from prumerge.errors import PrumergeError
+from prumerge.methods.spec import MethodSpec
 from tests.adapters.conftest import IMAGE_SIZE, IMAGE_TOKEN, PATCHES, tiny_llava
 
 WORDS = ["<pad>", "<s>", "</s>", "[UNK]", "USER:", "ASSISTANT:", "describe", "the", "image."]
@@ -207,7 +208,7 @@ def test_parse_configs():
         "pool@0.25",
         "cls_topk@16",
     ]
-    assert configs[0] == BenchConfig("none", "none")
+    assert configs[0] == MethodSpec("none")
     assert configs[1].options == {} and configs[2].options == {"keep": 0.25}
     # pool's default budget is 64: `pool` and `pool@64` are the same configuration.
     assert [c.label for c in parse_configs("pool,pool@64")] == ["none", "pool@64"]

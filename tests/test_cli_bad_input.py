@@ -124,7 +124,7 @@ def test_cuda_on_a_cpu_only_torch(
 
 
 def test_merge_none_reaches_the_method(photo: Path) -> None:
-    from prumerge.runtime import coerce_options, make_method
+    from prumerge.methods.spec import coerce_options, make_method
 
     # "none" is merge's own mode, not Python None; keep and ToMe's r do take None
     assert make_method("prumerge", {"merge": "none"}).merge == "none"
@@ -139,7 +139,7 @@ def test_merge_none_reaches_the_method(photo: Path) -> None:
     ("text", "value"), [("1", 1), ("1.0", 1.0), ("0.25", 0.25), ("64", 64), ("adaptive", None)]
 )
 def test_one_budget_parser(text: str, value: int | float | None) -> None:
-    from prumerge.runtime import parse_budget
+    from prumerge.methods.spec import parse_budget
 
     parsed = parse_budget(text, adaptive=True)
     assert parsed == value and type(parsed) is type(value)
@@ -147,7 +147,7 @@ def test_one_budget_parser(text: str, value: int | float | None) -> None:
 
 def test_budget_parser_errors() -> None:
     from prumerge.errors import PrumergeError
-    from prumerge.runtime import parse_budget
+    from prumerge.methods.spec import parse_budget
 
     for text, needle in [
         ("0", "keep must be >= 1"),

@@ -28,43 +28,23 @@ from typing import Any
 import torch
 
 from prumerge.errors import PrumergeError
-from prumerge.runtime import format_budget
+from prumerge.methods.spec import (
+    MethodSpec,
+    budget_key,
+    make_method,
+    make_spec,
+    parse_budget,
+    parse_spec,
+    split_spec,
+)
 
 AUTO = "auto"
 ADAPTIVE = "adaptive"
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """One configuration to time.
-
-    Attributes:
-        label: how the report names it, e.g. ``prumerge``, ``pool@64``, ``prumerge+@0.25``.
-        method: registered method name.
-        options: options passed to ``build_method``.
-    """
-
-    label: str
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def build(self) -> Any:
-        from prumerge.methods import build_method
-
-        return build_method(self.method, **self.options)
-
-
-def parse_budget(text: str, what: str = "--keep") -> int | float | None:
-    """A budget: ``adaptive`` (or ``auto``: the method's default, None here), a count or a
-    ratio; ``prumerge.runtime.parse_budget`` with the word allowed."""
-    from prumerge.runtime import parse_budget as parse
-
-    return parse(text, what=what, adaptive=True)
-
-
 def parse_configs(
     methods: str, keeps: str | None = None, options: dict[str, Any] | None = None
-) -> list[BenchConfig]:
+) -> list[MethodSpec]:
     """The configurations to time, ``none`` first.
 
     Args:
@@ -82,29 +62,30 @@ def parse_configs(
     """
     from prumerge.methods import METHODS, method_names
     from prumerge.methods.base import option_defaults
-    from prumerge.runtime import budget_key, coerce_options, make_method
 
     options = dict(options or {})
     if "keep" in options:
         raise PrumergeError("give budgets with --keep or METHOD@BUDGET, not as an option")
-    budgets = [parse_budget(k) for k in (keeps or ADAPTIVE).split(",")]
+    budgets = [
+        parse_budget(k, what="--keep", adaptive=True) for k in (keeps or ADAPTIVE).split(",")
+    ]
     entries = [e.strip() for e in methods.split(",")]
     if not methods.strip() or any(not e for e in entries):
         raise PrumergeError(f"--methods must be comma-separated method names, got {methods!r}")
 
-    wanted: list[tuple[str, int | float | None]] = []
+    wanted: list[tuple[str, str | None]] = []
     for entry in entries:
-        name, at, budget_text = entry.partition("@")
-        name = name.strip()
+        name, budget_text = split_spec(entry)
         if name not in METHODS:
             raise PrumergeError(f"unknown method {name!r}; available: {', '.join(method_names())}")
         takes_keep = "keep" in option_defaults(METHODS[name])
-        if at:
+        if budget_text is not None:
             if not takes_keep:
                 raise PrumergeError(f"method {name!r} takes no budget, got {entry!r}")
-            wanted.append((name, parse_budget(budget_text, f"--methods {entry}")))
+            parse_budget(budget_text, what=f"--methods {entry}", adaptive=True)
+            wanted.append((name, entry))
         elif takes_keep:
-            wanted += [(name, b) for b in budgets]
+            wanted += [(name, b) for b in budgets]  # type: ignore[misc]
         else:
             wanted.append((name, None))
 
@@ -113,22 +94,22 @@ def parse_configs(
         if not any(key in option_defaults(METHODS[n]) for n in listed):
             raise PrumergeError(f"no method in --methods takes option {key!r}")
 
-    configs = [BenchConfig("none", "none")]
+    configs = [MethodSpec("none")]
     seen: set[tuple[str, tuple[str, float]]] = set()
     for name, budget in wanted:
         if name == "none":
             continue
         defaults = option_defaults(METHODS[name])
-        chosen = coerce_options(name, {k: v for k, v in options.items() if k in defaults})
-        if budget is not None:
-            chosen["keep"] = budget
-        keep = chosen.get("keep", defaults.get("keep"))
-        if (name, budget_key(keep)) in seen:
+        chosen = {k: v for k, v in options.items() if k in defaults}
+        if isinstance(budget, str):  # METHOD@BUDGET
+            spec = parse_spec(budget, chosen, what=f"--methods {budget}", check=False)
+        else:
+            spec = make_spec(name, chosen, check=False).with_budget(budget)
+        if (name, budget_key(spec.budget)) in seen:
             continue
-        seen.add((name, budget_key(keep)))
-        label = name if keep is None else f"{name}@{format_budget(keep)}"
-        make_method(name, chosen)  # bad values fail here, before the model loads
-        configs.append(BenchConfig(label, name, chosen))
+        seen.add((name, budget_key(spec.budget)))
+        make_method(name, spec.options)  # bad values fail here, before the model loads
+        configs.append(spec)
     return configs
 
 
@@ -277,7 +258,7 @@ def measure(
     model: Any,
     processor: Any,
     batches: list[Batch],
-    configs: list[BenchConfig],
+    configs: list[MethodSpec],
     *,
     repeats: int,
     warmup: int,
@@ -519,7 +500,7 @@ def _best_speedup(base: list[Sample], mine: list[Sample], metric: Callable) -> f
 
 
 def summarise(
-    configs: list[BenchConfig],
+    configs: list[MethodSpec],
     samples: dict[str, list[Sample]],
     observed: dict[str, Observed],
     predictions: dict[str, Prediction],

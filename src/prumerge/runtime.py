@@ -1,13 +1,14 @@
-"""Loading a model for the CLI and eval, and running one timed generation."""
+"""Loading a model for the CLI and eval, and running one timed generation.
+
+Budgets, method options and the method spec are ``prumerge.methods.spec``'s.
+"""
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import statistics
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,6 @@ import torch
 from prumerge.errors import PrumergeError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_INTEGER = re.compile(r"^[+-]?\d+$")
-
-#: Words that mean "no budget: the method's own choice" (adaptive for prumerge/prumerge+).
-ADAPTIVE_WORDS = ("adaptive", "auto")
 
 #: ``--dtype`` values, by the names users write.
 DTYPES: dict[str, torch.dtype | str] = {
@@ -36,195 +33,6 @@ DTYPES: dict[str, torch.dtype | str] = {
 
 #: ``--device-map`` strategies accelerate knows, besides a device name or a JSON object.
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-# ---------------------------------------------------------------------------------------------
-# Budgets and method options: one parser for the CLI, the API and the lmms-eval plugin
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_budget(
-    value: str | int | float | None, *, what: str = "keep", adaptive: bool = False
-) -> int | float | None:
-    """A token budget: ``64`` (a count), ``0.25`` (a ratio of the patch tokens), or, with
-    ``adaptive=True``, ``adaptive``/``auto``/``none``/None (no budget: the method's own
-    choice).
-
-    Text is a count only when it is written as an integer, so ``1`` is one token and ``1.0``
-    all of them. Numbers (from Python or lmms-eval's argument parser) keep their type. The
-    value is checked by ``prumerge.ops.validate_keep``, the check ``build_method`` applies.
-
-    Raises:
-        PrumergeError: naming ``what``, for anything else.
-    """
-    from prumerge.ops import validate_keep
-
-    if value is None or (
-        isinstance(value, str) and value.strip().lower() in (*ADAPTIVE_WORDS, "none")
-    ):
-        if adaptive:
-            return None
-        raise PrumergeError(f"{what}: give a count (64) or a ratio (0.25), got {value!r}")
-    number: int | float
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            number = int(text) if _INTEGER.match(text) else float(text)
-        except ValueError:
-            raise PrumergeError(f"{what}: not a number: {value!r}") from None
-    else:
-        number = value
-    try:
-        validate_keep(number)
-    except ValueError as exc:
-        raise PrumergeError(f"{what}: {exc}") from None
-    return number
-
-
-def format_budget(budget: int | float | None) -> str:
-    """How reports show a budget: ``64``, ``0.25``, ``1.0`` (a ratio, never shown as ``1``)."""
-    if budget is None:
-        return ADAPTIVE_WORDS[0]
-    return str(budget) if isinstance(budget, int) else repr(float(budget))
-
-
-def budget_key(budget: int | float | None) -> tuple[str, float]:
-    """A key that tells a count from an equal ratio (``1`` from ``1.0``), for de-duplication."""
-    return ("none", 0.0) if budget is None else (type(budget).__name__, float(budget))
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, str]:
-    """``KEY=VALUE`` method options, values still text (``coerce_options`` types them)."""
-    options: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise PrumergeError(f"method option {pair!r} is not KEY=VALUE")
-        options[key.strip().replace("-", "_")] = raw.strip()
-    return options
-
-
-def value_kinds(annotation: Any, default: Any) -> set[str]:
-    """The types a parameter takes, as names (``{"int", "float", "None"}``), read from its
-    annotation (a string under postponed annotations) or, without one, from its default."""
-    if annotation is not inspect.Parameter.empty and annotation is not None:
-        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-        text = text.replace("Optional[", "None|").replace(" ", "")
-        return {part.strip("[]") for part in re.split(r"[|\[\],]", text) if part}
-    if default is None:
-        return {"None", "int", "float", "str"}
-    return {type(default).__name__}
-
-
-def coerce_value(raw: Any, kinds: set[str], what: str) -> Any:
-    """An option value given as text (or a number), typed by the kinds its parameter takes.
-
-    Strings stay strings (``merge=none`` is the mode "none"); ``none`` means Python None only
-    where the parameter takes None (``keep``, ToMe's ``r``); where it takes an int or a float
-    (a count or a ratio), text written as an integer is an int. Ranges and allowed words are
-    the method constructor's to check.
-    """
-    text = str(raw).strip()
-    lowered = text.lower()
-    if "None" in kinds and lowered in ("none", ""):
-        return None
-    if "bool" in kinds:
-        if isinstance(raw, bool) or lowered in ("true", "false", "1", "0", "yes", "no"):
-            return raw if isinstance(raw, bool) else lowered in ("true", "1", "yes")
-        if not kinds & {"int", "float", "str"}:
-            raise PrumergeError(f"{what} takes true or false, got {text!r}")
-    numeric = kinds & {"int", "float"}
-    if numeric:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            number: int | float = raw
-        elif _INTEGER.match(text):
-            number = int(text)
-        else:
-            try:
-                number = float(text)
-            except ValueError:
-                number = None  # type: ignore[assignment]
-        if number is not None:
-            if "float" not in numeric:
-                if isinstance(number, float) and not number.is_integer():
-                    raise PrumergeError(f"{what} takes an integer, got {text!r}")
-                return int(number)
-            return float(number) if "int" not in numeric else number
-        if "str" not in kinds:
-            word = "an integer" if numeric == {"int"} else "a number"
-            raise PrumergeError(f"{what} takes {word}, got {text!r}")
-    return text if isinstance(raw, str) else raw
-
-
-def coerce_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` for ``method``, typed by its constructor's signature (``coerce_value``).
-
-    ``keep`` goes through ``parse_budget``. Names the method does not take pass through for
-    ``build_method`` to judge.
-    """
-    from prumerge.methods import METHODS
-
-    parameters = (
-        dict(inspect.signature(METHODS[method].__init__).parameters) if method in METHODS else {}
-    )
-    typed: dict[str, Any] = {}
-    for key, value in options.items():
-        if key == "keep":
-            typed[key] = parse_budget(value, what=f"{method}: keep", adaptive=True)
-        elif key in parameters and key != "self":
-            parameter = parameters[key]
-            default = None if parameter.default is inspect.Parameter.empty else parameter.default
-            kinds = value_kinds(parameter.annotation, default)
-            typed[key] = coerce_value(value, kinds, f"{method}: option {key}")
-        else:
-            typed[key] = value
-    return typed
-
-
-def make_method(name: str, options: Mapping[str, Any] | None = None) -> Any:
-    """Build a registered method from user-given options (text or numbers), checked.
-
-    Options are typed by ``coerce_options`` and validated by the method's constructor. The
-    method then runs once on a small random input (a separate instance), so that a value
-    only a run can reject fails here, before any model loads, and not half-way through one.
-
-    Raises:
-        PrumergeError: one line, for an unknown method, option or value.
-    """
-    from prumerge.methods import METHODS, build_method, method_names
-
-    if name not in METHODS:
-        raise PrumergeError(f"unknown method {name!r}; available: {', '.join(method_names())}")
-    typed = coerce_options(name, options or {})
-    try:
-        method = build_method(name, **typed)
-    except (ValueError, TypeError) as exc:
-        raise _option_error(name, exc) from None
-    if not getattr(method, "inside_llm", False):
-        try:
-            build_method(name, **typed).reduce(_trial_inputs())
-        except Exception as exc:  # noqa: BLE001 - any failure here is the options' doing
-            raise _option_error(name, exc) from None
-    return method
-
-
-def _option_error(name: str, exc: Exception) -> PrumergeError:
-    text = str(exc).strip()
-    message = text.splitlines()[0] if text else type(exc).__name__
-    return PrumergeError(message if name in message else f"{name}: {message}")
-
-
-def _trial_inputs() -> Any:
-    """Random features, keys and [CLS] attention for a 4x4 patch grid."""
-    from prumerge.methods import VisionInputs
-
-    generator = torch.Generator().manual_seed(0)
-    return VisionInputs(
-        features=torch.randn(1, 16, 8, generator=generator),  # (B, N, C)
-        keys=torch.randn(1, 16, 8, generator=generator),  # (B, N, Ck)
-        cls_attn=torch.softmax(torch.randn(1, 16, generator=generator), dim=-1),  # (B, N)
-        grid=(4, 4),
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from prumerge.cli import main
-from prumerge.commands.eval import Planned, plan_configs
+from prumerge.commands.eval import plan_configs
 from prumerge.errors import PrumergeError
 from prumerge.eval.predictor import ModelPredictor
 from prumerge.eval.runner import read_predictions
+from prumerge.methods.spec import MethodSpec
 
 PATCHES = 36  # the tiny model's 6x6 patch grid
 REPO = Path(__file__).resolve().parents[2]
@@ -82,12 +83,12 @@ def test_configuration_rule() -> None:
     plan = plan_configs(
         "prumerge,prumerge+,visionzip", "adaptive,32", ["merge=mean", "visionzip:contextual=4"]
     )
-    assert {p.method: p.options for p in plan} == {
+    assert {p.method: p.extra_options for p in plan} == {
         "prumerge": {"merge": "mean"},
         "prumerge+": {"merge": "mean"},
         "visionzip": {"contextual": 4},
     }
-    assert Planned("none", None) in plan_configs("none,none", "adaptive", None)
+    assert MethodSpec("none") in plan_configs("none,none", "adaptive", None)
 
 
 @pytest.mark.parametrize(
@@ -497,7 +498,7 @@ def test_a_count_of_one_and_a_ratio_of_one_are_two_runs() -> None:
 
 def test_string_options_keep_their_strings() -> None:
     (plan,) = plan_configs("prumerge", "adaptive", ["merge=none", "knn=4", "supplement=false"])
-    assert plan.options == {"merge": "none", "knn": 4, "supplement": False}
+    assert plan.extra_options == {"merge": "none", "knn": 4, "supplement": False}
 
 
 @pytest.mark.parametrize(

@@ -61,25 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    from prumerge.runtime import parse_budget, parse_options
-
-    options: dict[str, Any] = dict(parse_options(args.option))
-    if args.keep is not None:
-        if "keep" in options:
-            raise PrumergeError("give the budget with --keep or --option keep=..., not both")
-        options["keep"] = parse_budget(args.keep, what="--keep", adaptive=True)
-    return options
-
-
 def run(args: argparse.Namespace) -> int:
     import prumerge
     from prumerge.images import load_image
+    from prumerge.methods.spec import MethodSpec, parse_options, parse_spec
     from prumerge.runtime import (
         check_prompt_length,
         generate_answers,
         load_model,
-        make_method,
         prepare_inputs,
         resolve_device,
     )
@@ -90,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise PrumergeError("the question is empty")
     max_new_tokens = int_arg(args.max_new_tokens, "--max-new-tokens", 1)
     repeats = int_arg(args.repeats, "--repeats", 1) if args.repeats is not None else None
-    method = make_method(args.method, _method_options(args))
+    spec = parse_spec(args.method, parse_options(args.option), keep=args.keep)
+    method = spec.build()
     if args.show:
         writable_file(args.show, "--show", kind="image")
     device = resolve_device(args.device)
@@ -111,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     results: dict[str, Any] = {}
-    runs = [("none", make_method("none"))] if args.compare and args.method != "none" else []
-    runs.append((args.method, method))
+    runs = [("none", MethodSpec("none").build())] if args.compare and spec.method != "none" else []
+    runs.append((spec.method, method))
     for name, instance in runs:
         with prumerge.apply(model, instance) as handle:
             answer = generate_answers(
@@ -126,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
             )
             reduction = handle.last_reduction
         results[name] = answer
-    main = results[args.method]
+    main = results[spec.method]
 
     report: dict[str, Any] = {
         "answer": main.texts[0],
-        "method": args.method,
+        "method": spec.method,
         "options": method.options(),
         "visual_tokens_in": main.tokens_in[0],
         "visual_tokens_out": main.tokens_out[0],
@@ -144,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "repeats": repeats,
         "picture": None,
     }
-    if "none" in results and args.method != "none":
+    if "none" in results and spec.method != "none":
         base = results["none"].timing
         report["baseline"] = {
             "answer": results["none"].texts[0],
@@ -168,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_report(report, args.method, repeats)
+        _print_report(report, spec.method, repeats)
         if args.show:
             error = _save_picture(args.show, image, reduction, main.tokens_in[0])
             if error is None:

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         to_json,
     )
     from prumerge.images import load_image
-    from prumerge.runtime import check_prompt_length, load_model, parse_options, resolve_device
+    from prumerge.methods.spec import parse_options
+    from prumerge.runtime import check_prompt_length, load_model, resolve_device
 
     configs = parse_configs(args.methods, args.keep, parse_options(args.option))
     batch = int_arg(args.batch, "--batch", 1)

@@ -7,12 +7,14 @@ import inspect
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prumerge.commands._args import add_model_placement_args, check_model_placement
 from prumerge.errors import PrumergeError
+
+if TYPE_CHECKING:
+    from prumerge.methods.spec import MethodSpec
 
 ADAPTIVE = "adaptive"
 
@@ -130,21 +132,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Planned:
-    """One configuration to run: a method, its budget (None: adaptive or none), options."""
-
-    method: str
-    budget: int | float | None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
 def parse_budgets(text: str) -> list[int | float | None]:
     """``--keep``: counts, ratios and ``adaptive`` (None), in order, without repeats.
 
     ``1`` (one token) and ``1.0`` (all of them) are different budgets and both run.
     """
-    from prumerge.runtime import budget_key, parse_budget
+    from prumerge.methods.spec import budget_key, parse_budget
 
     budgets: list[int | float | None] = []
     for raw in text.split(","):
@@ -176,7 +169,7 @@ def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dic
     """Per-method options from ``--option``, as text; each unscoped option goes to every
     listed method that takes it, and must be taken by at least one."""
     from prumerge.methods import METHODS, option_defaults
-    from prumerge.runtime import parse_options
+    from prumerge.methods.spec import parse_options
 
     per_method: dict[str, dict[str, Any]] = {name: {} for name in methods}
     for pair in pairs or []:
@@ -200,14 +193,14 @@ def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dic
 
 def plan_configs(
     methods_text: str, keep_text: str, option_pairs: list[str] | None
-) -> list[Planned]:
+) -> list[MethodSpec]:
     """The configurations ``--methods``, ``--keep`` and ``--option`` ask for (see the help).
 
-    Every method is built once per configuration here (``prumerge.runtime.make_method``), so
+    Every method is built once per configuration here (``prumerge.methods.spec.make_method``), so
     unknown methods, unknown options and bad values fail before any model is loaded.
     """
     from prumerge.methods import METHODS, method_names, option_defaults
-    from prumerge.runtime import coerce_options, make_method
+    from prumerge.methods.spec import make_spec
 
     methods: list[str] = []
     for raw in methods_text.split(","):
@@ -222,7 +215,7 @@ def plan_configs(
     budgets = parse_budgets(keep_text)
     options = method_options(option_pairs, methods)
 
-    planned: list[Planned] = []
+    planned: list[MethodSpec] = []
     for name in methods:
         takes_keep = "keep" in option_defaults(METHODS[name])
         adaptive = takes_keep and option_defaults(METHODS[name])["keep"] is None
@@ -235,11 +228,9 @@ def plan_configs(
                     f"method {name!r} needs a token budget and --keep lists none; add one "
                     f"(e.g. --keep {keep_text},64)"
                 )
-        typed = coerce_options(name, options[name])
+        spec = make_spec(name, options[name], check=False)
         for budget in chosen:
-            extra = {} if budget is None else {"keep": budget}
-            make_method(name, {**typed, **extra})
-            planned.append(Planned(name, budget, typed))
+            planned.append(make_spec(name, spec.with_budget(budget).options))
     return planned
 
 
@@ -248,7 +239,7 @@ def benchmark_options(pairs: list[str] | None, benchmark: str) -> dict[str, Any]
     true/false, and comma-separated lists for options typed as lists or iterables
     (``splits``, ``question_types``, ``subtasks``); other values stay text."""
     from prumerge.eval.datasets import get_benchmark
-    from prumerge.runtime import parse_options
+    from prumerge.methods.spec import parse_options
 
     options: dict[str, Any] = dict(parse_options(pairs))
     if not options:
@@ -267,7 +258,7 @@ def benchmark_options(pairs: list[str] | None, benchmark: str) -> dict[str, Any]
 
 def _typed_loader_value(key: str, text: str, parameter: inspect.Parameter) -> Any:
     """One loader option from text, typed by the loader's annotation."""
-    from prumerge.runtime import coerce_value, value_kinds
+    from prumerge.methods.spec import coerce_value, value_kinds
 
     annotation = str(parameter.annotation)
     if any(t in annotation for t in ("list", "Iterable", "tuple")):
@@ -395,7 +386,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> in
 def _evaluate(
     args: argparse.Namespace,
     benchmark: Any,
-    planned: list[Planned],
+    planned: list[MethodSpec],
     out: Path,
     device: str,
     max_new_tokens: int,
@@ -428,7 +419,7 @@ def _evaluate(
 def _evaluate_locked(
     args: argparse.Namespace,
     benchmark: Any,
-    planned: list[Planned],
+    planned: list[MethodSpec],
     out: Path,
     device: str,
     max_new_tokens: int,
@@ -437,7 +428,6 @@ def _evaluate_locked(
 ) -> int:
     from prumerge.eval.predictor import ModelPredictor
     from prumerge.eval.runner import EvalConfig, check_directory, run_config, summarize
-    from prumerge.methods import build_method
     from prumerge.runtime import load_model
 
     if args.no_progress or rank != 0:
@@ -459,8 +449,7 @@ def _evaluate_locked(
 
     configs = []
     for plan in planned:
-        extra = {} if plan.budget is None else {"keep": plan.budget}
-        method = build_method(plan.method, **plan.options, **extra)
+        method = plan.build()
         recorded = {k: v for k, v in method.options().items() if k != "keep"}
         recorded["max_new_tokens"] = max_new_tokens  # it changes the answers, so it is hashed
         configs.append(

@@ -127,7 +127,7 @@ class DemoModel:
 
 
 def choose_configs(methods: Sequence[str], budgets: str | None = None) -> list[Any]:
-    """``prumerge.bench.BenchConfig`` per (method, budget), ``none`` first and always.
+    """A ``prumerge.methods.spec.MethodSpec`` per (method, budget), ``none`` first and always.
 
     Args:
         methods: registered method names (``none`` may be among them; it runs once).
@@ -138,12 +138,13 @@ def choose_configs(methods: Sequence[str], budgets: str | None = None) -> list[A
     Raises:
         PrumergeError: an unknown method, a bad budget, or too many configurations.
     """
-    from prumerge.bench import BenchConfig, parse_configs
+    from prumerge.bench import parse_configs
+    from prumerge.methods.spec import MethodSpec
 
     names = [m.strip() for m in methods if m.strip() and m.strip() != "none"]
     text = (budgets or "").strip() or "auto"
     if not names:
-        return [BenchConfig("none", "none")]
+        return [MethodSpec("none")]
     try:
         configs = parse_configs(",".join(names), text)
     except PrumergeError as exc:  # the page's field is "budgets", not the CLI's --keep
@@ -192,8 +193,9 @@ def compare(
         PrumergeError: a blank question, a bad number or an unknown preset.
     """
     import prumerge
-    from prumerge.bench import BenchConfig, Observed, make_batches, predict
+    from prumerge.bench import Observed, make_batches, predict
     from prumerge.cost import get_hardware
+    from prumerge.methods.spec import MethodSpec
     from prumerge.runtime import generate_answers
     from prumerge.viz import render_reduction
 
@@ -207,7 +209,7 @@ def compare(
     preset = get_hardware(hardware)
     configs = list(configs)
     if not configs or configs[0].label != "none":
-        configs = [BenchConfig("none", "none")] + [c for c in configs if c.label != "none"]
+        configs = [MethodSpec("none")] + [c for c in configs if c.label != "none"]
     text = demo.prompt(question)
     comparison = Comparison(question, preset.name, demo.precision.w_bits, repeats)
     with demo.lock:

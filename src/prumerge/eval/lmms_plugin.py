@@ -13,7 +13,7 @@ float16, bfloat16 or auto; default float32 on the CPU, bfloat16 or float16 on CU
 ``device_map`` (auto, balanced, sequential, ...: accelerate places the model instead of
 ``device``), ``cache_dir``, and any option of the method (``merge=mean``,
 ``attention=reference``, ...). Budgets and options go through the same parser and checks as
-``prumerge ask``/``eval``/``bench`` (``prumerge.runtime.make_method``), before the model
+``prumerge ask``/``eval``/``bench`` (``prumerge.methods.spec.make_method``), before the model
 loads.
 
 How lmms-eval finds it: lmms-eval 0.7 resolves ``--model`` through its model registry,
@@ -129,9 +129,9 @@ class PrumergeLlava(lmms):
         import torch
 
         from prumerge.eval.predictor import ModelPredictor
+        from prumerge.methods.spec import make_method
         from prumerge.runtime import (
             load_model,
-            make_method,
             model_device,
             parse_device_map,
             resolve_device,

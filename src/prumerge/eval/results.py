@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prumerge.errors import PrumergeError
+from prumerge.methods.spec import format_budget
 
 __all__ = [
     "CONFIG",
@@ -32,13 +33,6 @@ REJECTED_SUFFIX = ".rejected"
 _SHARD_PATTERN = re.compile(r"predictions\.rank(\d+)-of-(\d+)\.jsonl")
 
 logger = logging.getLogger(__name__)
-
-
-def format_budget(budget: int | float | None) -> str:
-    """A budget as reports show it: ``64``, ``0.25``, ``1.0`` (a ratio is never shown as 1)."""
-    if budget is None:
-        return "-"
-    return str(budget) if isinstance(budget, int) else repr(float(budget))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from prumerge.errors import PrumergeError
 from prumerge.eval.datasets import Benchmark
 from prumerge.eval.metrics import METRIC_DESCRIPTIONS, score_records
 from prumerge.eval.results import CONFIG, format_budget, read_predictions
+from prumerge.methods.spec import MethodSpec
 
 __all__ = ["ConfigResult", "Summary", "plot_summary", "summarize"]
 
@@ -90,7 +91,7 @@ class Summary:
                 [
                     r.name,
                     r.method,
-                    format_budget(r.budget),
+                    format_budget(r.budget, takes_budget=MethodSpec(r.method).takes_budget),
                     _fmt(r.score),
                     "-" if r.relative is None else f"{r.relative:.1f}%",
                     f"{r.tokens_in:.1f}",

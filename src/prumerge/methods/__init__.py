@@ -45,6 +45,7 @@ from prumerge.methods.base import (
     projects_first,
     register_method,
 )
+from prumerge.methods.spec import MethodSpec, make_method, parse_spec
 
 __all__ = [
     "FEATURE_SPACES",
@@ -53,12 +54,15 @@ __all__ = [
     "WHERE_CHOICES",
     "LanguageMethod",
     "Method",
+    "MethodSpec",
     "TowerMerge",
     "VisionInputs",
     "VisionMethod",
     "build_method",
+    "make_method",
     "method_names",
     "option_defaults",
+    "parse_spec",
     "projects_first",
     "register_method",
 ]

@@ -10,13 +10,11 @@ It imports neither vLLM nor transformers, so the main environment can test it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from prumerge.errors import PrumergeError
-from prumerge.methods import VisionInputs, VisionMethod, build_method
+from prumerge.methods import VisionMethod
+from prumerge.methods.spec import MethodSpec, make_spec, trial_inputs
 
 #: The architecture name the plugin registers with vLLM's ModelRegistry.
 ARCHITECTURE = "PrumergeLlavaForConditionalGeneration"
@@ -24,24 +22,8 @@ ARCHITECTURE = "PrumergeLlavaForConditionalGeneration"
 CONFIG_KEY = "prumerge"
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """A validated serving configuration.
-
-    Attributes:
-        method: a registered method name (``prumerge.methods.method_names()``).
-        options: the method's options; ``keep`` is the fixed budget.
-    """
-
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def build(self) -> VisionMethod:
-        """A fresh instance of the configured method."""
-        return build_method(self.method, **self.options)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **self.options}
+#: A validated serving configuration: a ``MethodSpec`` (``keep`` is the fixed budget).
+ServeConfig = MethodSpec
 
 
 def parse_serve_config(value: Any) -> ServeConfig:
@@ -70,14 +52,11 @@ def parse_serve_config(value: Any) -> ServeConfig:
             f'{{"method": "prumerge+", "keep": 64}}; got {value!r}'
         )
     from prumerge.methods import projects_first
-    from prumerge.runtime import coerce_options, make_method
 
-    name = value["method"]
-    # The same parser and checks as the CLI, the Python API and the lmms-eval plugin: text
-    # values are typed ("64" is a count, "0.25" a ratio) and the constructor judges them.
-    options = coerce_options(name, {k: v for k, v in value.items() if k != "method"})
-    method = make_method(name, options)
-    config = ServeConfig(method=name, options=options)
+    # The same spec, parser and checks as the CLI, the Python API and the lmms-eval plugin:
+    # text values are typed ("64" is a count, "0.25" a ratio) and the constructor judges them.
+    config = make_spec(value["method"], {k: v for k, v in value.items() if k != "method"})
+    method = config.build()
     if getattr(method, "inside_llm", False):
         raise PrumergeError(
             f"method {config.method!r} prunes inside the language model, which the vLLM plugin "
@@ -142,14 +121,7 @@ def output_count(
     Returns:
         K, the output tokens per image.
     """
-    generator = torch.Generator().manual_seed(0)
-    width = 8
-    features = torch.randn(2, num_patches, width, generator=generator)
-    inputs = VisionInputs(features=features, grid=grid)
-    if method.needs_attention:
-        inputs.keys = torch.randn(2, num_patches, width, generator=generator)
-        logits = torch.randn(2, num_patches, generator=generator) * 3.0
-        inputs.cls_attn = logits.softmax(dim=-1)
+    inputs = trial_inputs(batch=2, num_patches=num_patches, grid=grid)
     lengths = method.reduce(inputs).lengths.tolist()
     if lengths[0] != lengths[1]:
         raise PrumergeError(

@@ -15,30 +15,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from prumerge.errors import PrumergeError
+from prumerge.methods import METHODS
+from prumerge.methods.spec import MethodSpec, parse_spec
 
 __all__ = ["Reduction", "draw", "parse_mixture"]
 
 
 @dataclass(frozen=True)
 class Reduction:
-    """One entry of a mixture.
+    """One entry of a mixture: a method spec and its weight.
 
     Attributes:
-        method: a registered vision-side method.
-        keep: its budget (None: the method's own, adaptive for PruMerge).
+        spec: the method, its budget and options (``prumerge.methods.spec.MethodSpec``).
         weight: relative frequency.
     """
 
-    method: str
-    keep: int | float | None
+    spec: MethodSpec
     weight: float
 
     @property
+    def method(self) -> str:
+        return self.spec.method
+
+    @property
+    def keep(self) -> int | float | None:
+        """The budget given (None: the method's own, adaptive for PruMerge)."""
+        return self.spec.options.get("keep")
+
+    @property
     def label(self) -> str:
-        return self.method if self.keep is None else f"{self.method}@{self.keep}"
+        return self.spec.label
 
     def options(self) -> dict[str, Any]:
-        return {} if self.keep is None else {"keep": self.keep}
+        return dict(self.spec.options)
 
 
 def parse_mixture(text: str) -> list[Reduction]:
@@ -48,35 +57,31 @@ def parse_mixture(text: str) -> list[Reduction]:
         PrumergeError: for an empty list, an unknown method, a bad budget or weight, a
             method that cannot train (FastV drops tokens inside the LLM), or a repeated entry.
     """
-    from prumerge.methods import build_method
-    from prumerge.runtime import parse_budget
-
     entries: list[Reduction] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
             raise PrumergeError(f"--reduce {text!r}: empty entry")
-        spec, _, weight_text = item.partition(":")
-        name, _, budget_text = spec.partition("@")
+        spec_text, _, weight_text = item.partition(":")
         try:
             weight = float(weight_text) if weight_text else 1.0
         except ValueError:
             raise PrumergeError(f"--reduce: weight of {item!r} is not a number") from None
         if not weight > 0 or weight == float("inf"):
             raise PrumergeError(f"--reduce: weight of {item!r} must be positive and finite")
-        keep: int | float | None = None
-        if budget_text:
-            keep = parse_budget(budget_text, what=f"--reduce: budget of {item!r}")
         try:
-            method = build_method(name.strip(), **({} if keep is None else {"keep": keep}))
-        except ValueError as exc:
-            raise PrumergeError(f"--reduce: {exc}") from None
-        if getattr(method, "inside_llm", False):
+            spec = parse_spec(spec_text, what=f"--reduce: budget of {item!r}")
+        except PrumergeError as exc:
+            message = str(exc)
             raise PrumergeError(
-                f"--reduce: {name} prunes inside the language model and cannot train with "
-                "labels; use a vision-side method"
+                message if message.startswith("--reduce") else f"--reduce: {message}"
+            ) from None
+        if getattr(METHODS[spec.method], "inside_llm", False):
+            raise PrumergeError(
+                f"--reduce: {spec.method} prunes inside the language model and cannot train "
+                "with labels; use a vision-side method"
             )
-        entry = Reduction(name.strip(), keep, weight)
+        entry = Reduction(spec, weight)
         if any(e.label == entry.label for e in entries):
             raise PrumergeError(f"--reduce: {entry.label} is listed twice")
         entries.append(entry)
