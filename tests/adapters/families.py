@@ -350,7 +350,7 @@ def _per_row(rows: list[list[int]]) -> dict[str, Any]:
 ANYRES_FIXED = "anyres views have the tower's fixed size"
 QK_NORM = "normalises q and k per head \\(QK-norm\\)"
 #: The LLM-side methods, which the QK-norm decoders refuse.
-LLM_SIDE = ("fastv", "dart")
+LLM_SIDE = ("fastv", "dart", "pdrop")
 CASES = {
     "llava": Case("llava", _llava, _llava_images, kinds=3),
     "llava_next": Case(
@@ -374,7 +374,8 @@ CASES = {
         _qwen_images,
         kinds=3,
         token_types="mm_token_type_ids",
-        refuses={m: QK_NORM for m in LLM_SIDE},
+        # With a budget pdrop may start at layer 1, before the DeepStack layers end.
+        refuses={**{m: QK_NORM for m in LLM_SIDE}, "pdrop": "DeepStack features"},
     ),
     "internvl": Case(
         "internvl",

@@ -87,6 +87,7 @@ def test_every_family_has_a_case():
             ("visionzip", {"keep": 1.0}),
             ("fastv", {"keep": 1.0}),
             ("dart", {"keep": 1.0}),
+            ("pdrop", {"keep": 1.0}),
         ]
     ),
 )
@@ -112,6 +113,7 @@ def test_nothing_removed_matches_the_unpatched_model(family, method, options):
             ("fastv", {"keep": 5}),
             ("vispruner", {"keep": 6}),
             ("dart", {"keep": 5}),
+            ("pdrop", {"layers": (1, 2)}),
         ]
     ),
 )

@@ -20,6 +20,7 @@ from prumerge.adapters import gemma3 as _gemma3  # noqa: F401
 # The LLM-side patches, registered by name in ``llm.LANGUAGE_PATCHES``.
 from prumerge.adapters import fastv as _fastv  # noqa: F401
 from prumerge.adapters import dart as _dart  # noqa: F401
+from prumerge.adapters import pdrop as _pdrop  # noqa: F401
 
 # isort: on
 from prumerge.adapters.base import FAMILIES, Encoded, FamilyAdapter, TokenStats, supported_models

@@ -29,15 +29,15 @@ class DARTPatch(StagedPruning):
             raise PrumergeError(
                 f"dart needs the decoder's final norm (.norm); got {type(language_model).__name__}"
             )
-        self.stage_layers = [method.layer]
+        self.layer = method.layer
         self.capture_layers = (method.layer - 1,)
         self.keep = method.keep
         self.image_pivots = method.image_pivots
         self.text_pivots = method.text_pivots
         super().__init__(language_model, method)
 
-    def stage_counts(self, count: int) -> list[int]:
-        return [budget_count(self.keep, count)]
+    def schedule(self, count: int) -> list[tuple[int, int]]:
+        return [(self.layer, budget_count(self.keep, count))]
 
     def score(self, view: StageView) -> torch.Tensor:
         attention = self.layers[self.layer - 1].self_attn

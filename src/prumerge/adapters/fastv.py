@@ -28,13 +28,13 @@ class FastVPatch(StagedPruning):
         count = len(layers) if isinstance(layers, nn.ModuleList) else 0
         if count and not 1 <= method.layer < count:
             raise PrumergeError(f"fastv layer K={method.layer} must be in 1..{count - 1}")
-        self.stage_layers = [method.layer]
+        self.layer = method.layer
         self.capture_layers = (method.layer - 1,)
         self.keep = method.keep
         super().__init__(language_model, method)
 
-    def stage_counts(self, count: int) -> list[int]:
-        return [budget_count(self.keep, count)]
+    def schedule(self, count: int) -> list[tuple[int, int]]:
+        return [(self.layer, budget_count(self.keep, count))]
 
     def score(self, view: StageView) -> torch.Tensor:
         index = self.layer - 1

@@ -3,10 +3,12 @@ stages inside the decoder (FastV, DART, PyramidDrop, SparseVLM).
 
 A method's patch (a ``StagedPruning`` subclass, one small file per method) says only:
 
-- ``stage_layers``: the decoder layers that first run on each stage's shorter sequence;
-- ``stage_counts(n)``: how many of an image's ``n`` tokens survive each stage;
+- ``schedule(n)``: for an image of ``n`` tokens, the ``(layer, count)`` stages: from each
+  stage's layer on it keeps ``count`` tokens (images may have different schedules: a call's
+  stages are the union of its images' layers, and an image keeps its count where a stage
+  is not its own);
 - ``score(view)``: a score per current token at the start of a stage (``StageView``): each
-  image keeps its ``stage_counts`` highest-scoring tokens (ties to the earlier token).
+  image keeps its highest-scoring tokens (ties to the earlier token).
 
 Everything else is here: layers 0..first-1 see every token; from each stage layer on the
 dropped tokens are removed from the hidden states, the rotary position embeddings, the
@@ -65,7 +67,7 @@ class StageView:
     position row j of batch row b holds (front padding copies a row's last real token).
 
     Attributes:
-        stage: index into ``stage_layers``.
+        stage: index into the call's stages (the union of its images' stage layers).
         layer: the stage's first layer (its input is ``hidden``).
         hidden: (B, Lc, H) the input of ``layer``: the output of layer ``layer - 1``.
         rows: (B, Lc) int64, the prompt position of every current row.
@@ -106,6 +108,7 @@ class _Call:
     image: torch.Tensor  # (B, L) image of each prompt token, -1 elsewhere
     padding_mask: torch.Tensor  # (B, L) True for real tokens
     counts: torch.Tensor  # (S, I) tokens each image keeps from each stage on
+    stages: list[int] = field(default_factory=list)  # (S,) the call's stage layers
     captured: dict[int, Captured] = field(default_factory=dict)
     embeddings: torch.Tensor | None = None
     by_stage: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, L) cumulative
@@ -123,13 +126,13 @@ class _Call:
 class StagedPruning(LanguagePatch):
     """Wraps the decoder layers from the first stage layer on, of one language model.
 
-    Subclasses set ``stage_layers`` (and may set ``capture_layers``, ``needs_embeddings``,
+    Subclasses set ``layer`` (and may set ``capture_layers``, ``needs_embeddings``,
     ``compact_positions``) in ``__init__`` before calling ``super().__init__``, and implement
-    ``stage_counts`` and ``score``.
+    ``schedule`` and ``score``.
     """
 
-    #: The layers that first run on each stage's sequence, increasing.
-    stage_layers: list[int]
+    #: The earliest layer any stage may start at (layers before it are never wrapped).
+    layer: int
     #: Layers whose attention inputs the first forward pass records (``StageView.captured``).
     capture_layers: tuple[int, ...] = ()
     #: Record the decoder's input embeddings (``StageView.embeddings``).
@@ -144,26 +147,21 @@ class StagedPruning(LanguagePatch):
             raise PrumergeError(
                 f"{name} needs a LLaMA-style decoder with .layers; got {type(language_model).__name__}"
             )
-        stages = list(self.stage_layers)
-        if not stages or stages != sorted(set(stages)) or stages[0] < 1:
-            raise PrumergeError(f"{name}: stage layers {stages} must increase from 1")
-        if stages[-1] >= len(layers):
+        if not 1 <= self.layer < len(layers):
             raise PrumergeError(
-                f"{name}: stage layer {stages[-1]} must be in 1..{len(layers) - 1} "
+                f"{name}: its first pruned layer {self.layer} must be in 1..{len(layers) - 1} "
                 f"(the decoder has {len(layers)} layers)"
             )
         self.name = name
         self.language_model = language_model
         self.layers = layers
-        self.layer = stages[0]
         self.rotary = rotary_function(layers[0].self_attn, name)
         self.call: _Call | None = None
-        first = stages[0]
+        first = self.layer
         self._saved = [vars(layers[i]).get("forward", _MISSING) for i in range(first, len(layers))]
         for index in range(first, len(layers)):
             module = layers[index]
-            stage = stages.index(index) if index in stages else None
-            module.forward = self._wrap(module.forward, stage)
+            module.forward = self._wrap(module.forward, index)
         self._hooks = [
             layers[i].self_attn.register_forward_pre_hook(
                 functools_partial(self._capture, i), with_kwargs=True
@@ -176,8 +174,9 @@ class StagedPruning(LanguagePatch):
             )
 
     # -- what a method's patch implements ------------------------------------------------
-    def stage_counts(self, count: int) -> list[int]:
-        """Tokens an image of ``count`` tokens keeps from each stage on (non-increasing)."""
+    def schedule(self, count: int) -> list[tuple[int, int]]:
+        """``(layer, kept)`` stages of an image of ``count`` tokens: layers increasing (each
+        >= ``self.layer``, below the decoder's depth), counts non-increasing."""
         raise NotImplementedError
 
     def score(self, view: StageView) -> torch.Tensor:
@@ -199,26 +198,44 @@ class StagedPruning(LanguagePatch):
     def arm(self, image: torch.Tensor, padding_mask: torch.Tensor) -> list[int]:
         images = int(image.max()) + 1 if image.numel() else 0
         counts = torch.bincount(image[image >= 0], minlength=images)  # (I,)
-        per_stage = [self.stage_counts(int(n)) for n in counts.tolist()]
-        for n, kept in zip(counts.tolist(), per_stage, strict=True):
-            if len(kept) != len(self.stage_layers) or any(
-                b > a for a, b in zip([n, *kept], kept, strict=False)
-            ):
-                raise PrumergeError(f"{self.name}: bad stage counts {kept} for {n} tokens")
-        table = torch.tensor(per_stage, dtype=torch.long, device=image.device).view(
-            images, len(self.stage_layers)
+        tokens = [self.layer_tokens(int(n)) for n in counts.tolist()]  # (I, layers)
+        stages = sorted(
+            {
+                i
+                for per_layer in tokens
+                for i in range(1, len(per_layer))
+                if per_layer[i] != per_layer[i - 1]
+            }
         )
-        self.call = _Call(image=image, padding_mask=padding_mask, counts=table.T.contiguous())
-        return [kept[-1] for kept in per_stage]
+        table = torch.tensor(
+            [[per_layer[i] for i in stages] for per_layer in tokens], dtype=torch.long
+        ).view(images, len(stages))
+        self.call = _Call(
+            image=image,
+            padding_mask=padding_mask,
+            counts=table.T.contiguous().to(image.device),
+            stages=stages,
+        )
+        return [per_layer[-1] for per_layer in tokens]
 
     def layer_tokens(self, count: int, num_layers: int | None = None) -> list[int]:
         """The tokens an image of ``count`` tokens has in every decoder layer."""
         num_layers = len(self.layers) if num_layers is None else num_layers
-        kept = self.stage_counts(count)
-        tokens = []
+        stages = self.schedule(count)
+        layers = [layer for layer, _ in stages]
+        kept = [n for _, n in stages]
+        if (
+            layers != sorted(set(layers))
+            or any(not self.layer <= layer < len(self.layers) for layer in layers)
+            or any(b > a for a, b in zip([count, *kept], kept, strict=False))
+        ):
+            raise PrumergeError(f"{self.name}: bad schedule {stages} for {count} tokens")
+        tokens, current = [], count
         for index in range(num_layers):
-            stage = sum(1 for s in self.stage_layers if s <= index) - 1
-            tokens.append(count if stage < 0 else kept[stage])
+            for layer, n in stages:
+                if layer == index:
+                    current = n
+            tokens.append(current)
         return tokens
 
     def disarm(self) -> None:
@@ -226,7 +243,7 @@ class StagedPruning(LanguagePatch):
 
     def _capture(self, index: int, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = self.call
-        if call is None or call.by_stage and len(call.by_stage) == len(self.stage_layers):
+        if call is None or len(call.by_stage) == len(call.stages):
             return
         if index in call.captured:
             return
@@ -239,12 +256,13 @@ class StagedPruning(LanguagePatch):
             call.embeddings = kwargs.get("hidden_states", args[0] if args else None)
 
     # -- the wrapped layers --------------------------------------------------------------
-    def _wrap(self, original: Callable[..., Any], stage: int | None) -> Callable[..., Any]:
+    def _wrap(self, original: Callable[..., Any], index: int) -> Callable[..., Any]:
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             call = self.call
-            if call is None:
+            if call is None or not call.stages or index < call.stages[0]:
                 return original(hidden_states, *args, **kwargs)
-            if stage is not None:
+            if index in call.stages:
+                stage = call.stages.index(index)
                 hidden_states = self._enter_stage(call, stage, hidden_states, kwargs)
             elif call.plan is None:
                 raise PrumergeError(f"{self.name}: a stage layer did not run before this one")
@@ -285,7 +303,7 @@ class StagedPruning(LanguagePatch):
                 )
             view = self._view(call, stage, hidden, kwargs)
             call.by_stage.append(self._drop(call, stage, view))
-            if len(call.by_stage) == len(self.stage_layers):
+            if len(call.by_stage) == len(call.stages):
                 call.captured.clear()
                 call.embeddings = None
         dropped = call.by_stage[stage]
@@ -352,7 +370,7 @@ class StagedPruning(LanguagePatch):
         cos, sin = embeddings
         return StageView(
             stage=stage,
-            layer=self.stage_layers[stage],
+            layer=call.stages[stage],
             hidden=hidden.expand(batch, *hidden.shape[1:]),
             rows=rows,
             real=real,
@@ -407,6 +425,17 @@ def top_per_image(score: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) 
     kept = torch.zeros_like(image, dtype=torch.bool)
     kept[where[:, 0], where[:, 1]] = rank < keep.to(score.device)[owner]
     return kept
+
+
+def uses_mrope(language_model: nn.Module) -> bool:
+    """True for decoders with multimodal rotary embeddings (Qwen2-VL/2.5-VL), whose 3-D
+    position indices are always kept."""
+    rotary = getattr(language_model, "rotary_emb", None)
+    config = getattr(language_model, "config", None)
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return getattr(rotary, "mrope_section", None) is not None or (
+        isinstance(parameters, dict) and "mrope_section" in parameters
+    )
 
 
 def functools_partial(function: Callable[..., Any], first: Any) -> Callable[..., Any]:
