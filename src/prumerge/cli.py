@@ -21,8 +21,15 @@ from prumerge.errors import PrumergeError
 COMMANDS: tuple[str, ...] = ("ask", "methods", "eval", "cost", "bench", "train", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (the usage is one --help away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prumerge",
         description="Adaptive visual-token pruning and merging for large multimodal models.",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +33,10 @@ def load_image(path: str | Path, *, working_size: int = _WORKING_SIZE) -> Image.
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > _MAX_PIXELS:
-                raise PrumergeError(
-                    f"{path}: {image.width}x{image.height} is too large (over {_MAX_PIXELS:,} pixels)"
-                )
-            if max(image.width, image.height) > working_size:
-                image.draft("RGB", (working_size, working_size))
-            image.load()
-            factor = max(image.width, image.height) // working_size
-            if factor > 1:  # shrink in the native mode first: converting is per pixel
-                image = image.reduce(factor)
-            image = _to_rgb(image)
-            image.thumbnail((working_size, working_size), Image.Resampling.BICUBIC)
-            return image
+        with warnings.catch_warnings():
+            # PIL warns between MAX_IMAGE_PIXELS and twice that; we refuse those ourselves.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _load(path, working_size)
     except Image.DecompressionBombError:
         # PIL refuses at open time images over twice MAX_IMAGE_PIXELS, before our own check.
         raise PrumergeError(
@@ -59,10 +50,38 @@ def load_image(path: str | Path, *, working_size: int = _WORKING_SIZE) -> Image.
         Image.MAX_IMAGE_PIXELS = previous_limit
 
 
+# Modes that Image.reduce takes; others are converted to one of these first.
+_REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F", "PA"}
+
+
+def _load(path: Path, working_size: int) -> Image.Image:
+    with Image.open(path) as image:
+        if image.width * image.height > _MAX_PIXELS:
+            raise PrumergeError(
+                f"{path}: {image.width}x{image.height} is too large (over {_MAX_PIXELS:,} pixels)"
+            )
+        if max(image.width, image.height) > working_size:
+            image.draft("RGB", (working_size, working_size))
+        image.load()
+        factor = max(image.width, image.height) // working_size
+        if factor > 1:  # shrink in the native mode first: converting is per pixel
+            if image.mode.startswith("I;16"):
+                image = image.convert("I")  # reduce takes 32-bit, not 16-bit, integers
+            elif image.mode not in _REDUCIBLE:  # palette, 1-bit
+                image = _to_rgb(image)
+            image = image.reduce(factor)
+        image = _to_rgb(image)
+        image.thumbnail((working_size, working_size), Image.Resampling.BICUBIC)
+        return image
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         # 16-bit and float images: stretch their actual range to 8 bits.
         array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            # NaN would turn the whole stretched image black; no guess is better than that.
+            raise ValueError("the image holds NaN or infinite pixel values")
         low, high = float(array.min()), float(array.max())
         scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
         return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")

@@ -74,7 +74,9 @@ def test_unknown_recipe():
 
 
 def test_the_default_recipe_is_a_valid_configuration(tmp_path):
-    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
 
     from prumerge.train.config import check_config
     from prumerge.train.recipe import RECIPES, stage_config
@@ -85,5 +87,5 @@ def test_the_default_recipe_is_a_valid_configuration(tmp_path):
             source = tmp_path / stage.init_from
             (source / "lora").mkdir(parents=True, exist_ok=True)
             (source / "lora" / "adapter_config.json").write_text("{}")
-            Path(cfg.init_projector).write_bytes(b"")
+            save_file({"linear_1.weight": torch.zeros(1)}, cfg.init_projector)
         check_config(cfg)

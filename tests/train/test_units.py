@@ -164,6 +164,8 @@ def test_mixture_errors_are_one_line(text, message):
         ({"data": "x.json"}, "--data trains a model given with --model"),
         ({"model": "some/llava"}, "--model needs --data"),
         ({"init_projector": "/nonexistent.safetensors"}, "--init-projector: no such file"),
+        # a picture given as projector weights: refused from its header, before any build
+        ({"init_projector": __file__}, "not a safetensors file of projector weights"),
         ({"init_lora": "/nonexistent"}, "not a LoRA adapter directory"),
         ({"install": "other"}, "--install takes a variant name"),
         ({"reduce": "fastv"}, "inside the language model"),

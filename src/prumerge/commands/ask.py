@@ -10,6 +10,7 @@ from prumerge.commands._args import (
     add_model_placement_args,
     check_model_placement,
     int_arg,
+    question_arg,
     writable_file,
 )
 from prumerge.errors import PrumergeError
@@ -74,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     # Everything the user gave is checked before the model loads.
-    question = args.question.strip()
-    if not question:
-        raise PrumergeError("the question is empty")
+    question = question_arg(args.question)
     max_new_tokens = int_arg(args.max_new_tokens, "--max-new-tokens", 1)
     repeats = int_arg(args.repeats, "--repeats", 1) if args.repeats is not None else None
     spec = parse_spec(args.method, parse_options(args.option), keep=args.keep)

@@ -17,6 +17,7 @@ from prumerge.commands._args import (
     add_model_placement_args,
     check_model_placement,
     int_arg,
+    question_arg,
     writable_file,
 )
 from prumerge.errors import PrumergeError
@@ -137,9 +138,7 @@ def run(args: argparse.Namespace) -> int:
     warmup = int_arg(args.warmup, "--warmup", 0)
     new_tokens = int_arg(args.new_tokens, "--new-tokens", 1)
     threads = None if args.threads is None else int_arg(args.threads, "--threads", 1)
-    question = args.question.strip()
-    if not question:
-        raise PrumergeError("the question is empty")
+    question = question_arg(args.question, "--question")
     paths = [p.strip() for p in args.images.split(",")]
     if not args.images.strip() or any(not p for p in paths):
         raise PrumergeError(f"--images must be comma-separated image files, got {args.images!r}")

@@ -23,6 +23,7 @@ __all__ = [
     "ResultsLock",
     "check_results_directory",
     "format_budget",
+    "is_prediction_record",
     "read_predictions",
 ]
 
@@ -125,12 +126,40 @@ def _shard_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _SHARD_PATTERN.fullmatch(p.name))
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_prediction_record(record: Any) -> bool:
+    """Whether a parsed line has every field scoring reads, each of the right type.
+
+    A record that parses but lacks one (only an ``id``, ``"prediction": null``, a count
+    written as text) counts as damaged, like a line that does not parse.
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        return False
+    answers = record.get("answers")
+    time_s = record.get("time_s", 0.0)
+    return (
+        isinstance(record.get("prediction"), str)
+        and isinstance(answers, list)
+        and all(isinstance(answer, str) for answer in answers)
+        and _is_count(record.get("tokens_in"))
+        and _is_count(record.get("tokens_out"))
+        and isinstance(time_s, (int, float))
+        and not isinstance(time_s, bool)
+        and isinstance(record.get("meta", {}), dict)
+        and (record.get("subtask") is None or isinstance(record["subtask"], str))
+    )
+
+
 def _read_jsonl_records(path: Path, repair: bool) -> list[dict[str, Any]]:
     """Read a predictions file, keeping every good record.
 
     A killed writer can leave only a prefix of its last record, without the newline: that
-    torn tail is ignored. Blank lines are skipped. A line that does not parse as a record
-    (a torn write followed by more writes, a disk error, an edit) is ignored with a warning,
+    torn tail is ignored. Blank lines are skipped. A line that does not parse as a record, or
+    parses without a field scoring needs (a torn write followed by more writes, a disk error,
+    an edit; see ``is_prediction_record``) is ignored with a warning naming its line,
     so its sample counts as not done. With ``repair`` (only a file's owner should repair),
     such lines and the torn tail are cut out of the file, and the unreadable lines are
     appended to ``<file>.rejected``.
@@ -157,7 +186,7 @@ def _read_jsonl_records(path: Path, repair: bool) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            if not is_prediction_record(record):
                 raise ValueError("not a prediction record")
         except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             bad.append((number, line))

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from prumerge.atomic import write_text_atomic
 from prumerge.errors import PrumergeError
 from prumerge.eval.datasets import Benchmark, Sample
 from prumerge.eval.results import (
@@ -179,18 +180,34 @@ def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 
 def _existing_identity(directory: Path) -> dict[str, Any] | None:
     """The identity recorded in ``directory``: None when it holds no results at all, ``{}``
-    when it holds results without a readable config."""
+    when it holds results without a config; ``_DamagedConfig`` when its config is damaged."""
     config_path = directory / CONFIG
     result_files = [directory / PREDICTIONS, *_shard_files(directory)]
     if not config_path.exists() and not any(path.exists() for path in result_files):
         return None
     if config_path.exists():
-        try:
-            identity = json.loads(config_path.read_text(encoding="utf-8")).get("identity", {})
-        except (json.JSONDecodeError, AttributeError, OSError):
-            return {}
-        return identity if isinstance(identity, dict) else {}
+        return _read_identity(config_path)
     return {}
+
+
+class _DamagedConfig(Exception):
+    """``config.json`` exists but cannot be read as one: the message names the file and line."""
+
+
+def _read_identity(config_path: Path) -> dict[str, Any]:
+    recover = f"delete {config_path.parent} or run with --overwrite to start it again"
+    try:
+        payload = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise _DamagedConfig(
+            f"{config_path} is damaged (line {exc.lineno}: {exc.msg}); {recover}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _DamagedConfig(f"{config_path} cannot be read ({exc}); {recover}") from None
+    identity = payload.get("identity") if isinstance(payload, dict) else None
+    if not isinstance(identity, dict):
+        raise _DamagedConfig(f"{config_path} is damaged (it has no identity); {recover}")
+    return identity
 
 
 def _mismatch_message(directory: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -215,7 +232,10 @@ def check_directory(benchmark: Benchmark, config: EvalConfig, out_dir: str | Pat
             would replace them).
     """
     directory = Path(out_dir) / config.name
-    old = _existing_identity(directory)
+    try:
+        old = _existing_identity(directory)
+    except _DamagedConfig as exc:
+        raise PrumergeError(str(exc)) from None
     if old is None:
         return False
     identity = _identity(benchmark, config)
@@ -233,7 +253,12 @@ def _prepare_directory(
 ) -> None:
     """Create or check ``directory``; run on one process only."""
     config_path = directory / CONFIG
-    old = _existing_identity(directory)
+    try:
+        old = _existing_identity(directory)
+    except _DamagedConfig as exc:
+        if not overwrite:
+            raise PrumergeError(str(exc)) from None
+        old = {}  # replaced below, like a different configuration's
     if old is not None:
         if old == identity:
             return
@@ -249,9 +274,7 @@ def _prepare_directory(
         "data_root": data_root,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = config_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, config_path)
+    write_text_atomic(config_path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

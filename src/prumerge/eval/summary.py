@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from prumerge.atomic import write_bytes_atomic, write_text_atomic
 from prumerge.errors import PrumergeError
 from prumerge.eval.datasets import Benchmark
 from prumerge.eval.metrics import METRIC_DESCRIPTIONS, score_records
@@ -135,6 +137,11 @@ def _result_for(directory: Path, sample_ids: set[str] | None = None) -> ConfigRe
     try:
         payload = json.loads(config_path.read_text(encoding="utf-8"))
         identity = payload["identity"]
+    except json.JSONDecodeError as exc:
+        raise PrumergeError(
+            f"{config_path} is damaged (line {exc.lineno}: {exc.msg}); delete {directory} or "
+            "run with --overwrite"
+        ) from None
     except (ValueError, KeyError, TypeError, OSError):
         raise PrumergeError(
             f"{config_path} is unreadable; delete {directory} or run with --overwrite"
@@ -221,9 +228,9 @@ def summarize(
     benchmark, metric = benchmarks.pop()
     summary = Summary(benchmark=benchmark, metric=metric, results=results)
     if write:
-        (out / "summary.txt").write_text(summary.table() + "\n", encoding="utf-8")
-        (out / "summary.json").write_text(
-            json.dumps(summary.to_dict(), indent=2, default=str) + "\n", encoding="utf-8"
+        write_text_atomic(out / "summary.txt", summary.table() + "\n")
+        write_text_atomic(
+            out / "summary.json", json.dumps(summary.to_dict(), indent=2, default=str) + "\n"
         )
         if plot:
             plot_summary(summary, out / "accuracy_vs_tokens.png")
@@ -281,5 +288,6 @@ def plot_summary(summary: Summary, path: str | Path) -> Path:
     if by_method:
         axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png")
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -204,6 +204,8 @@ def check_config(cfg: TrainConfig) -> None:
                 f"--{name.replace('_', '-')}: {value} is not a LoRA adapter directory "
                 "(no adapter_config.json)"
             )
+    if cfg.init_projector is not None:
+        _check_projector_file(cfg.init_projector)
     if cfg.init_lora is not None and cfg.lora_rank == 0:
         raise PrumergeError("--init-lora needs --lora-rank (the adapter's rank)")
     out = Path(cfg.output_dir)
@@ -212,3 +214,21 @@ def check_config(cfg: TrainConfig) -> None:
     from prumerge.train.mixture import parse_mixture
 
     parse_mixture(cfg.reduce)
+
+
+def _check_projector_file(path: str) -> None:
+    """Read only the header of ``--init-projector``: a picture or a torn file given there is
+    refused before the model is built, not after."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PrumergeError(
+            f"--init-projector {path}: not a safetensors file of projector weights ({exc})"
+        ) from None
+    if not any(key.startswith("linear_") for key in keys):
+        raise PrumergeError(
+            f"--init-projector {path}: holds no projector weights (linear_1.*, linear_2.*)"
+        )

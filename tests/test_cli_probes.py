@@ -1,0 +1,170 @@
+"""The probe table of issue 29: bad input to every command gives exit 2, one line on stderr,
+no traceback and no file left behind, and is refused before any model loads.
+
+Every probe runs in-process through ``prumerge.cli.main``, with ``load_model`` replaced by a
+spy that fails the test if called: a refusal must not cost a model load. Valid inputs of the
+table (a 4096-px 16-bit PNG, CMYK, palette, animated) are answered by the tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prumerge.cli import main
+
+MISSING_MODEL = "/no/such/model"
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """A spy on every way a command loads a model: each call is recorded and refused."""
+    import prumerge.runtime
+
+    calls: list[tuple] = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(prumerge.runtime, "load_model", spy)
+    return calls
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def check_refused(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], calls: list[tuple]
+) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("prumerge: error: "), err
+    assert "Traceback" not in captured.err and needle in err[0], err
+    assert captured.out == "" and calls == []
+    return err[0]
+
+
+# --- inputs -----------------------------------------------------------------------------
+
+
+def _photo(folder: Path) -> Path:
+    path = folder / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _nan_tiff(folder: Path) -> Path:
+    pixels = np.ones((32, 32), np.float32)
+    pixels[3, 3] = np.nan
+    Image.fromarray(pixels, mode="F").save(folder / "nan.tiff")
+    return folder / "nan.tiff"
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+BAD_IMAGES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "zero-byte": (lambda d: _written(d / "zero.png", b""), "is not an image file PIL can read"),
+    "truncated": (
+        lambda d: _written(d / "cut.png", _photo(d).read_bytes()[:80]),
+        "image file is truncated",
+    ),
+    "float with NaN": (_nan_tiff, "the image holds NaN or infinite pixel values"),
+    "a directory": (lambda d: _folder(d / "dir.png"), "not a file:"),
+    "missing": (lambda d: d / "nowhere.png", "image file not found"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+@pytest.mark.parametrize("command", ["ask", "bench"])
+def test_bad_images(kind: str, command: str, tmp_path: Path, capsys, no_model_load) -> None:
+    make, needle = BAD_IMAGES[kind]
+    image = str(make(tmp_path))
+    argv = (["ask", image, "what color"] if command == "ask" else ["bench", "--images", image]) + [
+        "--model",
+        MISSING_MODEL,
+    ]
+    before = files_under(tmp_path)
+    check_refused(argv, needle, capsys, no_model_load)
+    assert files_under(tmp_path) == before
+
+
+QUESTIONS = {
+    "non-UTF-8 bytes": ("\udcff\udcfe", "is not valid UTF-8 text"),  # what Python makes of them
+    "empty": ("", "is empty"),
+    "blank": ("  \t ", "is empty"),
+    "a NUL": ("what\x00color", "holds the control character U+0000"),
+    "an escape": ("what \x1b[31mcolor", "holds the control character U+001B"),
+    "a C1 control": ("what\x85color", "holds the control character U+0085"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(QUESTIONS))
+@pytest.mark.parametrize("command", ["ask", "bench"])
+def test_bad_questions(kind: str, command: str, tmp_path: Path, capsys, no_model_load) -> None:
+    question, needle = QUESTIONS[kind]
+    photo = str(_photo(tmp_path))
+    argv = (
+        ["ask", photo, question]
+        if command == "ask"
+        else ["bench", "--images", photo, "--question", question]
+    )
+    check_refused([*argv, "--model", MISSING_MODEL], needle, capsys, no_model_load)
+
+
+BUDGETS = {
+    "0": "keep must be >= 1",
+    "-1": "keep must be >= 1",
+    "1.5": "ratio must be in (0, 1]",
+    "nan": "ratio must be in (0, 1]",
+    "inf": "ratio must be in (0, 1]",
+    "-inf": "ratio must be in (0, 1]",
+    "1e400": "ratio must be in (0, 1]",
+    "abc": "not a number: 'abc'",
+    "1,abc": "not a number: '",
+}
+
+
+@pytest.mark.parametrize("budget", sorted(BUDGETS))
+@pytest.mark.parametrize("command", ["ask", "bench", "eval"])
+def test_every_budget_form(budget: str, command: str, tmp_path: Path, capsys, no_model_load):
+    photo = str(_photo(tmp_path))
+    argv = {
+        "ask": ["ask", photo, "what", f"--keep={budget}"],
+        "bench": ["bench", "--images", photo, f"--keep={budget}"],
+        "eval": ["eval", "--benchmark", "synth", f"--keep={budget}", "--out", str(tmp_path / "o")],
+    }[command]
+    before = files_under(tmp_path)
+    check_refused([*argv, "--model", MISSING_MODEL], BUDGETS[budget], capsys, no_model_load)
+    assert files_under(tmp_path) == before
+
+
+def test_train_refuses_a_picture_as_projector_weights_before_building(
+    tmp_path: Path, capsys, no_model_load, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prumerge.models.default
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before --init-projector was checked")
+
+    monkeypatch.setattr(prumerge.models.default, "build_default_model", no_build)
+    out = tmp_path / "run"
+    argv = ["train", "--init-projector", str(_photo(tmp_path)), "--output-dir", str(out)]
+    check_refused(argv, "not a safetensors file of projector weights", capsys, no_model_load)
+    assert not out.exists()
