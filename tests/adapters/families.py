@@ -351,6 +351,7 @@ ANYRES_FIXED = "anyres views have the tower's fixed size"
 QK_NORM = "normalises q and k per head \\(QK-norm\\)"
 #: The LLM-side methods, which the QK-norm decoders refuse.
 LLM_SIDE = ("fastv", "dart", "pdrop")
+TWO_LAYERS = "reads the attention of two vision-tower layers"
 CASES = {
     "llava": Case("llava", _llava, _llava_images, kinds=3),
     "llava_next": Case(
@@ -365,9 +366,21 @@ CASES = {
         refuses={"downsample": ANYRES_FIXED},
     ),
     "qwen2_5_vl": Case(
-        "qwen2_5_vl", _qwen2_5_vl, _qwen_images, kinds=3, token_types="mm_token_type_ids"
+        "qwen2_5_vl",
+        _qwen2_5_vl,
+        _qwen_images,
+        kinds=3,
+        token_types="mm_token_type_ids",
+        refuses={"hiprune": TWO_LAYERS},
     ),
-    "qwen2_vl": Case("qwen2_vl", _qwen2_vl, _qwen_images, kinds=3, token_types="mm_token_type_ids"),
+    "qwen2_vl": Case(
+        "qwen2_vl",
+        _qwen2_vl,
+        _qwen_images,
+        kinds=3,
+        token_types="mm_token_type_ids",
+        refuses={"hiprune": TWO_LAYERS},
+    ),
     "qwen3_vl": Case(
         "qwen3_vl",
         _qwen3_vl,
@@ -375,7 +388,11 @@ CASES = {
         kinds=3,
         token_types="mm_token_type_ids",
         # With a budget pdrop may start at layer 1, before the DeepStack layers end.
-        refuses={**{m: QK_NORM for m in LLM_SIDE}, "pdrop": "DeepStack features"},
+        refuses={
+            **{m: QK_NORM for m in LLM_SIDE},
+            "pdrop": "DeepStack features",
+            "hiprune": TWO_LAYERS,
+        },
     ),
     "internvl": Case(
         "internvl",
@@ -383,7 +400,7 @@ CASES = {
         _internvl_images,
         kinds=3,
         counts=_internvl_counts,
-        refuses={"downsample": "its tiles have the tower's fixed size"},
+        refuses={"downsample": "its tiles have the tower's fixed size", "hiprune": TWO_LAYERS},
     ),
     "gemma3": Case(
         "gemma3",
@@ -392,7 +409,11 @@ CASES = {
         kinds=3,
         counts=_gemma3_counts,
         token_types="token_type_ids",
-        refuses={"downsample": "pools the tower's fixed grid", **{m: QK_NORM for m in LLM_SIDE}},
+        refuses={
+            "downsample": "pools the tower's fixed grid",
+            **{m: QK_NORM for m in LLM_SIDE},
+            "hiprune": TWO_LAYERS,
+        },
     ),
 }
 

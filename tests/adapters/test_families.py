@@ -114,6 +114,7 @@ def test_nothing_removed_matches_the_unpatched_model(family, method, options):
             ("vispruner", {"keep": 6}),
             ("dart", {"keep": 5}),
             ("pdrop", {"layers": (1, 2)}),
+            ("hiprune", {"keep": 6, "alpha": 5 / 6, "object_layer": 1}),
         ]
     ),
 )
@@ -177,6 +178,22 @@ def test_budgets_are_exact(family, method):
         generate(model, inputs, max_new_tokens=1)
         assert handle.stats.tokens_out == [10, 10, 10]
     with prumerge.apply(model, method, keep=0.25) as handle:
+        generate(model, inputs, max_new_tokens=1)
+        assert handle.stats.tokens_out == [round(0.25 * n) for n in inputs["counts"]]
+
+
+@pytest.mark.parametrize(
+    "family", [f for f, case in CASES.items() if "hiprune" not in case.refuses]
+)
+def test_hiprune_budgets_are_exact(family):
+    # The tiny towers have fewer than the default object layer's 9 layers.
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    with prumerge.apply(model, "hiprune", keep=10, alpha=2.5, object_layer=1) as handle:
+        generate(model, inputs, max_new_tokens=1)
+        assert handle.stats.tokens_out == [10, 10, 10]
+    with prumerge.apply(model, "hiprune", keep=0.25, object_layer=1) as handle:
         generate(model, inputs, max_new_tokens=1)
         assert handle.stats.tokens_out == [round(0.25 * n) for n in inputs["counts"]]
 

@@ -31,11 +31,14 @@ def make_inputs(batch=3, side=8, width=16, key_width=8, seed=0, peak=4.0, dtype=
     features = torch.randn(batch, n, width, generator=gen)
     keys = torch.randn(batch, n, key_width, generator=gen)
     attn = (torch.randn(batch, n, generator=gen) * peak).softmax(dim=-1)
+    # A second layer's importance, for methods that read two (HiPrune's object layer).
+    second = (torch.randn(batch, n, generator=gen) * peak).softmax(dim=-1)
     return VisionInputs(
         features=features.to(dtype),
         keys=keys.to(dtype),
         cls_attn=attn.to(dtype),
         grid=(side, side),
+        object_importance=second.to(dtype),
     )
 
 
@@ -59,6 +62,9 @@ def row(inputs: VisionInputs, b: int) -> VisionInputs:
         keys=None if inputs.keys is None else inputs.keys[pick],
         cls_attn=None if inputs.cls_attn is None else inputs.cls_attn[pick],
         grid=inputs.grid,
+        object_importance=None
+        if inputs.object_importance is None
+        else inputs.object_importance[pick],
     )
 
 
@@ -136,6 +142,7 @@ def test_dtype_and_device_preserved(name, dtype, device):
         keys=inputs.keys.to(device),
         cls_attn=inputs.cls_attn.to(device),
         grid=inputs.grid,
+        object_importance=inputs.object_importance.to(device),
     )
     result = build(name, 16).reduce(inputs)
     assert result.tokens.dtype == dtype
@@ -148,6 +155,7 @@ def test_dtype_and_device_preserved(name, dtype, device):
         keys=inputs.keys.float(),
         cls_attn=inputs.cls_attn.float(),
         grid=inputs.grid,
+        object_importance=inputs.object_importance.float(),
     )
     assert torch.equal(result.index, build(name, 16).reduce(exact).index)
 

@@ -27,7 +27,7 @@ SERVABLE = {
     # The plugin reduces before its projector runs: DivPrune on the tower's features.
     "divprune": {"keep": 64, "space": "tower"},
 }
-UNSERVABLE = {"fastv", "downsample"}
+UNSERVABLE = {"fastv", "downsample", "hiprune"}
 
 
 def test_every_registered_method_is_classified():
@@ -104,6 +104,12 @@ def test_output_count_is_what_the_method_keeps_on_any_image(name, num, grid):
 def test_output_count_of_a_budget_that_pooling_cannot_meet():
     # 32 cells do not tile a 24 x 24 grid; the pooled grid that fits is 5 x 6 = 30.
     assert output_count(build_method("pool", keep=32), 576, (24, 24)) == 30
+
+
+def test_a_two_layer_method_is_refused_in_one_line():
+    with pytest.raises(PrumergeError, match="two vision-tower layers") as info:
+        parse_serve_config({"method": "hiprune", "keep": 64})
+    assert "\n" not in str(info.value)
 
 
 def test_output_count_refuses_an_adaptive_method():

@@ -61,6 +61,7 @@ class _View:
     anchors: torch.Tensor | None = None  # (L,) each token's patch in this view
     reduced: bool = False
     tower_features: torch.Tensor | None = None  # (N, C) when ``features`` are projected
+    object_importance: torch.Tensor | None = None  # (N,) of the method's ``object_layer``
 
 
 class AnyresAdapter(FamilyAdapter):
@@ -68,6 +69,7 @@ class AnyresAdapter(FamilyAdapter):
     and call the model's packing."""
 
     image_inputs = ("pixel_values", "image_sizes")
+    object_layer_attention = True
 
     def __init__(self, model: nn.Module, method: Method, **options: Any) -> None:
         super().__init__(model, method, **options)
@@ -162,6 +164,9 @@ class AnyresAdapter(FamilyAdapter):
         key_width = 0 if inputs.keys is None else inputs.keys.shape[-1]
         if inputs.keys is not None and inputs.cls_attn is not None:
             parts += [inputs.keys.to(device).float(), inputs.cls_attn.to(device).float()[..., None]]
+        has_object = inputs.object_importance is not None
+        if has_object:
+            parts.append(inputs.object_importance.to(device).float()[..., None])  # type: ignore[union-attr]
         parts.append(torch.zeros_like(features[..., :1], dtype=torch.float32))  # marker
         stacked = torch.cat(parts, dim=-1)  # (V, N, C + Ck + 1 + 1)
         newline = torch.zeros(stacked.shape[-1], device=stacked.device)
@@ -186,6 +191,9 @@ class AnyresAdapter(FamilyAdapter):
                         features=tokens[:, :width].to(features.dtype),
                         keys=rest[:, :key_width] if has_attn else None,
                         importance=rest[:, key_width] if has_attn else None,
+                        object_importance=rest[:, key_width + int(has_attn)]
+                        if has_object
+                        else None,
                         grid=grid,
                         tower_features=tokens[:, width : width + tower_width].to(raw_dtype)
                         if tower_width
@@ -232,6 +240,9 @@ class AnyresAdapter(FamilyAdapter):
                 space="projected" if projected else "tower",
                 tower_features=torch.stack([v.tower_features for v in members])  # type: ignore[misc]
                 if projected
+                else None,
+                object_importance=torch.stack([v.object_importance for v in members])  # type: ignore[misc]
+                if members[0].object_importance is not None
                 else None,
             )
             reduction = self.method.reduce(inputs)

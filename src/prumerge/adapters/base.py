@@ -105,8 +105,17 @@ class FamilyAdapter:
     refused_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
     #: True for M-RoPE language models: kept tokens always keep their 3-D rope indices.
     mrope: ClassVar[bool] = False
+    #: True where the adapter records a second tower layer's attention for methods that
+    #: set ``object_layer`` (HiPrune); elsewhere such methods get a one-line error.
+    object_layer_attention: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, method: Method, *, budget_per: str = "image") -> None:
+        if getattr(method, "object_layer", None) is not None and not self.object_layer_attention:
+            raise PrumergeError(
+                f"{method.name} reads the attention of two vision-tower layers, and the "
+                f"{self.title} adapter records one; supported: LLaVA-1.5, LLaVA-NeXT, "
+                f"LLaVA-OneVision"
+            )
         self.model = model
         self.method = method
         self.budget_per = budget_per

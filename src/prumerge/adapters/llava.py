@@ -31,6 +31,7 @@ class LlavaAdapter(FamilyAdapter):
     family = "llava"
     title = "LLaVA-1.5"
     model_classes = ("LlavaForConditionalGeneration",)
+    object_layer_attention = True
 
     def __init__(self, model: nn.Module, method: Method, **options: Any) -> None:
         super().__init__(model, method, **options)

@@ -142,6 +142,8 @@ class TowerLayout:
         num_passthrough: of those, the tokens sent to the LLM unreduced (DINOv2's registers).
         num_heads: attention heads of the tower.
         patch_size: pixels per patch side.
+        object_layer: encoder layer (0-based) of the method's second attention signal
+            (``VisionMethod.object_layer``, 1-based), or None.
     """
 
     label: str
@@ -153,6 +155,7 @@ class TowerLayout:
     num_passthrough: int
     num_heads: int
     patch_size: int
+    object_layer: int | None = None
 
 
 def tower_layout(config: Any, method: Method, tower_class: str) -> TowerLayout:
@@ -221,6 +224,12 @@ def tower_layout(config: Any, method: Method, tower_class: str) -> TowerLayout:
                 f"vision_feature_layer={layer} selects the embeddings: no encoder layer "
                 f"produces them, so {method.name} has no attention to use"
             )
+    object_layer = getattr(method, "object_layer", None)
+    if object_layer is not None and not 1 <= object_layer <= num_layers:
+        raise PrumergeError(
+            f"{method.name}: object_layer={object_layer} is out of range for a "
+            f"{num_layers}-layer {label} tower; supported: 1 to {num_layers}"
+        )
     return TowerLayout(
         label=label,
         has_cls=has_cls,
@@ -233,6 +242,7 @@ def tower_layout(config: Any, method: Method, tower_class: str) -> TowerLayout:
         num_passthrough=registers,
         num_heads=vision.num_attention_heads,
         patch_size=vision.patch_size,
+        object_layer=None if object_layer is None else object_layer - 1,
     )
 
 
@@ -243,6 +253,7 @@ def tower_inputs(
     q: torch.Tensor | None,
     k: torch.Tensor | None,
     grid: tuple[int, int],
+    object_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TowerOutput:
     """The method's inputs from what the tower computed, however it was run.
 
@@ -253,6 +264,7 @@ def tower_inputs(
         q: (V, P + N, C) query projections of ``layout.attention_layer`` (None without one).
         k: (V, P + N, C) key projections of the same layer.
         grid: (rows, cols) of the patch grid.
+        object_qk: (q, k) of ``layout.object_layer``, each (V, P + N, C), when it is set.
     """
     prefix = layout.num_prefix_tokens
     features = hidden[:, prefix:]
@@ -280,6 +292,14 @@ def tower_inputs(
             inputs.cls_attn = mean_attention(
                 q, k, num_heads=layout.num_heads, num_prefix_tokens=prefix
             )
+    if layout.object_layer is not None:
+        if object_qk is None:
+            raise PrumergeError(
+                f"{method.name} needs the q/k of tower layer {layout.object_layer + 1} as well"
+            )
+        inputs.object_importance = mean_attention(
+            *object_qk, num_heads=layout.num_heads, num_prefix_tokens=prefix
+        )
     return TowerOutput(inputs=inputs, passthrough=passthrough)
 
 
@@ -321,6 +341,7 @@ class ViTTower:
         )
         self.method = method
         self.query = self.key = None
+        self.object_query = self.object_key = None
         # Methods that merge inside the tower (ToMe): the layers to patch, and the plan per
         # patch count (the images' grid decides it, not the config's image_size).
         self.merge_layers: nn.ModuleList | None = None
@@ -331,6 +352,8 @@ class ViTTower:
             self.importance = None  # nothing to capture: the tower merges by its own keys
         elif layout.attention_layer is not None:
             self._find_attention(layout.attention_layer)
+        if self.merge_layers is None and layout.object_layer is not None:
+            self.object_query, self.object_key = self._qk(layout.object_layer)
 
     def _encoder_layers(self) -> nn.ModuleList:
         modules = dict(self.tower.named_modules())
@@ -370,16 +393,18 @@ class ViTTower:
             )
         return self._merge_plans[num_patches]
 
-    def _find_attention(self, attention_layer: int) -> None:
-        layers = self._encoder_layers()
-        parts = dict(layers[attention_layer].named_modules())
-        self.query = next((m for n, m in parts.items() if n.endswith(_QUERY_NAMES)), None)
-        self.key = next((m for n, m in parts.items() if n.endswith(_KEY_NAMES)), None)
-        if self.query is None or self.key is None:
+    def _qk(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        parts = dict(self._encoder_layers()[layer].named_modules())
+        query = next((m for n, m in parts.items() if n.endswith(_QUERY_NAMES)), None)
+        key = next((m for n, m in parts.items() if n.endswith(_KEY_NAMES)), None)
+        if query is None or key is None:
             raise PrumergeError(
-                f"cannot find the q/k projections in layer {attention_layer} of "
-                f"{type(self.tower).__name__}"
+                f"cannot find the q/k projections in layer {layer} of {type(self.tower).__name__}"
             )
+        return query, key
+
+    def _find_attention(self, attention_layer: int) -> None:
+        self.query, self.key = self._qk(attention_layer)
         self.attention_layer = attention_layer
 
     def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
@@ -403,11 +428,19 @@ class ViTTower:
                 extra["interpolate_pos_encoding"] = True
         if self.merge_layers is not None:
             return self._run_merging(pixel_values, rows, cols)
-        with capture({"q": self.query, "k": self.key}) as captured:
+        hooks = {"q": self.query, "k": self.key, "oq": self.object_query, "ok": self.object_key}
+        with capture(hooks) as captured:
             outputs = tower(pixel_values, output_hidden_states=True, return_dict=True, **extra)
         hidden = outputs.hidden_states[self.feature_layer]  # (V, P + N, C)
+        object_qk = (captured["oq"], captured["ok"]) if "oq" in captured else None
         return tower_inputs(
-            self.layout, self.method, hidden, captured.get("q"), captured.get("k"), (rows, cols)
+            self.layout,
+            self.method,
+            hidden,
+            captured.get("q"),
+            captured.get("k"),
+            (rows, cols),
+            object_qk=object_qk,
         )
 
     def _run_merging(self, pixel_values: torch.Tensor, rows: int, cols: int) -> TowerOutput:

@@ -57,6 +57,9 @@ class VisionInputs:
             projector turned into ``features``, patch for patch (methods that need both, such
             as CDPruner, read them here); None where the family has no per-token tower
             features (Qwen's merger pools 2x2 ViT patches) or ``space`` is "tower".
+        object_importance: (B, N) the mean attention each patch receives in the encoder
+            layer the method's ``object_layer`` names (1-based), for methods that read a
+            second layer (HiPrune's anchors); None otherwise.
     """
 
     features: torch.Tensor
@@ -68,6 +71,7 @@ class VisionInputs:
     cls_token: torch.Tensor | None = None
     space: str = "tower"
     tower_features: torch.Tensor | None = None
+    object_importance: torch.Tensor | None = None
 
     @property
     def importance(self) -> torch.Tensor | None:
@@ -142,6 +146,9 @@ class VisionMethod(Method):
     feature_space: str = "tower"
     #: "after" for methods that reduce the tower's output; see ``WHERE_CHOICES``.
     where: str = "after"
+    #: A second encoder layer (1-based, counted from the first) whose mean attention received
+    #: the adapter hands over as ``VisionInputs.object_importance`` (HiPrune); None: none.
+    object_layer: int | None = None
 
     def budget_for(self, inputs: VisionInputs) -> Any:
         """The budget for these inputs: the adapter's exact count if it set one, else ``keep``."""

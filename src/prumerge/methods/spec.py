@@ -217,6 +217,10 @@ def trial_inputs(
             torch.randn(batch, num_patches, generator=generator) * 3.0, dim=-1
         ),
         grid=grid,
+        # A second layer's importance, for methods that read two (HiPrune's object layer).
+        object_importance=torch.softmax(
+            torch.randn(batch, num_patches, generator=generator) * 3.0, dim=-1
+        ),
     )
 
 

@@ -73,6 +73,11 @@ def parse_serve_config(value: Any) -> ServeConfig:
             f"method {config.method!r} merges inside the vision tower by default, which the "
             f"vLLM plugin does not do; serve it with where='after'"
         )
+    if getattr(method, "object_layer", None) is not None:
+        raise PrumergeError(
+            f"method {config.method!r} reads the attention of two vision-tower layers, and the "
+            f"vLLM plugin records one; serve a single-layer method (e.g. vispruner, cls_topk)"
+        )
     if projects_first(method):
         raise PrumergeError(
             f"method {config.method!r} selects on the projector's outputs, which the vLLM "
