@@ -19,6 +19,8 @@ from prumerge.errors import PrumergeError
 
 # Module names under prumerge.commands, in the order `prumerge --help` lists them.
 COMMANDS: tuple[str, ...] = ("ask", "methods", "eval", "cost", "bench", "train", "demo")
+# Commands that load a model, and so import transformers anyway: they run quiet_libraries.
+_MODEL_COMMANDS = frozenset({"ask", "eval", "bench", "train", "demo"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not built yet
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show the libraries' progress bars, messages and FutureWarnings",
+        )
     return parser
 
 
@@ -73,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in _MODEL_COMMANDS:
+            from prumerge.quiet import quiet_libraries
+
+            with quiet_libraries(verbose=args.verbose):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except PrumergeError as exc:
         print(f"prumerge: error: {exc}", file=sys.stderr)

@@ -173,11 +173,14 @@ def load_language_model(num_prompt_tokens: int = 0):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prumerge.quiet import hide_gguf_bar
+
     gguf = find_smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    llm = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    with hide_gguf_bar():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        llm = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     # The dequantised weights are plain float32 now; do not let save_pretrained claim GGUF.
     if hasattr(llm.config, "quantization_config"):
         del llm.config.quantization_config
