@@ -21,27 +21,10 @@ def int_arg(value: str, flag: str, minimum: int) -> int:
 
 
 def question_arg(value: str, flag: str = "the question") -> str:
-    """The question, stripped: refused if empty, not UTF-8, or holding control characters.
+    """The question, checked by ``prumerge.questions.check_question``."""
+    from prumerge.questions import check_question
 
-    Python hands bytes that are not UTF-8 to the program as lone surrogates, which no
-    tokenizer takes; control characters (other than tab and newline) are never meant.
-    """
-    question = value.strip()
-    if not question:
-        raise PrumergeError(f"{flag} is empty")
-    try:
-        question.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PrumergeError(
-            f"{flag} is not valid UTF-8 text; give it in UTF-8 (check the terminal's encoding)"
-        ) from None
-    control = next(
-        (c for c in question if (ord(c) < 32 and c not in "\t\n\r") or 127 <= ord(c) < 160),
-        None,
-    )
-    if control is not None:
-        raise PrumergeError(f"{flag} holds the control character U+{ord(control):04X}")
-    return question
+    return check_question(value, flag)
 
 
 def add_model_placement_args(parser: argparse.ArgumentParser) -> None:

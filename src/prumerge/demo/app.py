@@ -29,6 +29,17 @@ SAMPLES = (
     ("coffee.jpg", "What is in the image?"),
 )
 
+# The page's slider ranges, enforced again on the server: an API call can send any value.
+MAX_NEW_TOKENS = (1, 64)
+REPEATS = (1, 5)
+# Questions longer than this are refused before the model sees them (the page's box is one
+# line; the API is not).
+MAX_QUESTION_CHARS = 2000
+# Uploads: refused past this size, and deleted an hour after upload and when the server stops
+# (Gradio's delete_cache: every CACHE_SWEEP_S, files older than CACHE_MAX_AGE_S).
+MAX_UPLOAD = "20mb"
+CACHE_SWEEP_S, CACHE_MAX_AGE_S = 600, 3600
+
 # The gallery keeps a tall minimum height for one row of pictures; let it fit them.
 CSS = "#pictures .fixed-height { min-height: 0; }"
 
@@ -82,11 +93,27 @@ def run_request(
     """
     import pandas as pd
 
+    from prumerge.cost import get_hardware
     from prumerge.images import load_image
+    from prumerge.questions import check_question
 
     path, name = _image_path(image)
-    if not (question or "").strip():
+    if not isinstance(question, str) or not question.strip():
         raise PrumergeError("the question is empty")
+    question = check_question(question)
+    if len(question) > MAX_QUESTION_CHARS:
+        raise PrumergeError(f"the question is longer than {MAX_QUESTION_CHARS} characters")
+    max_new_tokens = _whole_number(max_new_tokens, "max new tokens", MAX_NEW_TOKENS)
+    repeats = _whole_number(repeats, "timed runs per method", REPEATS)
+    if not isinstance(hardware, str) or not hardware:
+        raise PrumergeError("pick a GPU preset for the predicted speedup")
+    get_hardware(hardware)  # an unknown preset is refused before any model work
+    if methods is not None and (
+        not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods)
+    ):
+        raise PrumergeError("methods must be a list of method names")
+    if budgets is not None and not isinstance(budgets, str):
+        raise PrumergeError("budgets must be text, such as auto or 64,0.25")
     configs = choose_configs(list(methods or []), budgets)
     try:
         picture = load_image(path)
@@ -103,8 +130,8 @@ def run_request(
         question or "",
         configs,
         hardware=hardware,
-        max_new_tokens=int(max_new_tokens),
-        repeats=int(repeats),
+        max_new_tokens=max_new_tokens,
+        repeats=repeats,
         progress=report,
     )
     headers, rows = table(result)
@@ -117,6 +144,21 @@ def run_request(
         f"prompt lengths that ran."
     )
     return pd.DataFrame(rows, columns=headers), captions(result), summary
+
+
+def _whole_number(value: Any, what: str, bounds: tuple[int, int]) -> int:
+    """A slider's value as the page allows it: a whole number within ``bounds``."""
+    low, high = bounds
+    refusal = PrumergeError(f"{what} must be a whole number from {low} to {high}; got {value!r}")
+    if isinstance(value, bool):
+        raise refusal
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise refusal from None
+    if not (low <= number <= high) or number != int(number):  # NaN fails the first test
+        raise refusal
+    return int(number)
 
 
 def build_app(demo: DemoModel, samples: list[list[str]] | None = None) -> Any:
@@ -142,7 +184,11 @@ def build_app(demo: DemoModel, samples: list[list[str]] | None = None) -> Any:
             log.exception("the comparison failed")
             raise gr.Error(f"{type(exc).__name__}: {exc}", print_exception=False) from None
 
-    with gr.Blocks(title="prumerge demo", analytics_enabled=False) as app:
+    with gr.Blocks(
+        title="prumerge demo",
+        analytics_enabled=False,
+        delete_cache=(CACHE_SWEEP_S, CACHE_MAX_AGE_S),
+    ) as app:
         gr.Markdown(
             "# prumerge: visual-token reduction, side by side\n"
             f"Ask **{demo.name}** about an image with several reduction methods and `none` "
@@ -184,8 +230,8 @@ def build_app(demo: DemoModel, samples: list[list[str]] | None = None) -> Any:
                     elem_id="hardware",
                 )
                 with gr.Accordion("generation", open=False):
-                    max_new = gr.Slider(1, 64, value=16, step=1, label="max new tokens")
-                    repeats = gr.Slider(1, 5, value=1, step=1, label="timed runs per method")
+                    max_new = gr.Slider(*MAX_NEW_TOKENS, value=16, step=1, label="max new tokens")
+                    repeats = gr.Slider(*REPEATS, value=1, step=1, label="timed runs per method")
                 run = gr.Button("Compare", variant="primary", elem_id="compare")
         summary = gr.Markdown(elem_id="summary")
         results = gr.Dataframe(label="results", interactive=False, wrap=True, elem_id="results")
@@ -208,12 +254,15 @@ def build_app(demo: DemoModel, samples: list[list[str]] | None = None) -> Any:
     return app
 
 
-def launch(app: Any, host: str, port: int) -> None:
-    """Serve the page on ``host:port`` until interrupted; never shared."""
+def launch(app: Any, host: str, port: int, *, block: bool = True) -> None:
+    """Serve the page on ``host:port`` until interrupted (or in the background, with
+    ``block=False``: ``app.close()`` stops it); never shared."""
     app.queue(default_concurrency_limit=1).launch(
+        prevent_thread_lock=not block,
         server_name=host,
         server_port=port,
         share=False,
+        max_file_size=MAX_UPLOAD,
         quiet=True,
         inbrowser=False,
         css=CSS,
