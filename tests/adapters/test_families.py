@@ -115,6 +115,7 @@ def test_nothing_removed_matches_the_unpatched_model(family, method, options):
             ("dart", {"keep": 5}),
             ("pdrop", {"layers": (1, 2)}),
             ("hiprune", {"keep": 6, "alpha": 5 / 6, "object_layer": 1}),
+            ("cdpruner", {"keep": 6}),
         ]
     ),
 )
@@ -167,7 +168,17 @@ def test_remove_restores_the_model_bit_identically(family):
 @FAMILY
 @pytest.mark.parametrize(
     "method",
-    ["prumerge", "prumerge+", "visionzip", "cls_topk", "random", "tome", "divprune", "vispruner"],
+    [
+        "prumerge",
+        "prumerge+",
+        "visionzip",
+        "cls_topk",
+        "random",
+        "tome",
+        "divprune",
+        "vispruner",
+        "cdpruner",
+    ],
 )
 def test_budgets_are_exact(family, method):
     case = CASES[family]
@@ -196,6 +207,27 @@ def test_hiprune_budgets_are_exact(family):
     with prumerge.apply(model, "hiprune", keep=0.25, object_layer=1) as handle:
         generate(model, inputs, max_new_tokens=1)
         assert handle.stats.tokens_out == [round(0.25 * n) for n in inputs["counts"]]
+
+
+@FAMILY
+def test_the_instruction_reaches_cdpruner(family):
+    # Every row's text after its last image, embedded by the LLM, in every reduce call.
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    seen = []
+    with prumerge.apply(model, "cdpruner", keep=6) as handle:
+        method = handle.adapter.method
+        reduce = method.reduce
+
+        def recording(vision_inputs):
+            seen.append(vision_inputs.instruction_mask.sum(dim=1).tolist())
+            assert vision_inputs.instruction.shape[-1] == vision_inputs.features.shape[-1]
+            return reduce(vision_inputs)
+
+        method.reduce = recording
+        generate(model, inputs, max_new_tokens=1)
+    assert seen and all(n > 0 for counts in seen for n in counts)
 
 
 @FAMILY

@@ -245,6 +245,7 @@ class AnyresAdapter(FamilyAdapter):
                 if members[0].object_importance is not None
                 else None,
             )
+            self.add_instruction(inputs, [v.image for v in members])
             reduction = self.method.reduce(inputs)
             reductions.append(reduction)
             for view, tokens, anchors, length in zip(

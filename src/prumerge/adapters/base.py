@@ -4,6 +4,7 @@ this interface."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from prumerge.adapters.sequence import Packed
 from prumerge.errors import PrumergeError
-from prumerge.methods import Method
+from prumerge.methods import Method, VisionInputs
 from prumerge.ops import Reduction
 
 
@@ -109,6 +110,10 @@ class FamilyAdapter:
     #: set ``object_layer`` (HiPrune); elsewhere such methods get a one-line error.
     object_layer_attention: ClassVar[bool] = False
 
+    #: Per image of the call being encoded, the (M_i, H) LLM input embeddings of its
+    #: instruction, set by the Handle for methods with ``needs_instruction``; else None.
+    instructions: list[torch.Tensor] | None = None
+
     def __init__(self, model: nn.Module, method: Method, *, budget_per: str = "image") -> None:
         if getattr(method, "object_layer", None) is not None and not self.object_layer_attention:
             raise PrumergeError(
@@ -137,6 +142,23 @@ class FamilyAdapter:
     def placeholder_counts(self, images: dict[str, Any]) -> torch.Tensor:
         """(I,) placeholder tokens the processor inserted for every image."""
         raise NotImplementedError
+
+    def add_instruction(self, inputs: VisionInputs, images: Sequence[int]) -> None:
+        """Give ``inputs`` the instruction of the image of each of its rows (``images``),
+        from what the Handle embedded for this call (``instructions``); nothing outside a
+        prompt or for methods that do not read it."""
+        if self.instructions is None or not self.method.needs_instruction:
+            return
+        device = inputs.features.device
+        rows = [self.instructions[i].to(device) for i in images]
+        longest = max((r.shape[0] for r in rows), default=0)
+        width = rows[0].shape[-1] if rows else 0
+        padded = torch.zeros(len(rows), longest, width, dtype=rows[0].dtype, device=device)
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=device)
+        for index, row in enumerate(rows):
+            padded[index, : row.shape[0]] = row
+            mask[index, : row.shape[0]] = True
+        inputs.instruction, inputs.instruction_mask = padded, mask
 
     def encode(self, images: dict[str, Any]) -> Encoded:
         """Run the vision tower, reduce every image and project it."""

@@ -136,6 +136,7 @@ class Gemma3Adapter(FamilyAdapter):
             inputs.space = "projected"
             if inputs.keys is not None and inputs.cls_attn is not None:
                 inputs.keys, inputs.cls_attn = inputs.keys.to(device), inputs.cls_attn.to(device)
+        self.add_instruction(inputs, range(inputs.features.shape[0]))
         reduction = self.method.reduce(inputs)
         lengths = reduction.lengths.tolist()
         if all(n == self.tokens_per_image for n in lengths):

@@ -223,7 +223,14 @@ class Handle:
             pad_token_id=0,
             left_pad=False,
         )
-        encoded = self._encode(images)
+        if self.adapter.method.needs_instruction:
+            self.adapter.instructions = _instructions(
+                input_ids, None if mask_4d else attention_mask, image_token_id, counts, embed
+            )
+        try:
+            encoded = self._encode(images)
+        finally:
+            self.adapter.instructions = None
         lengths = torch.tensor([f.shape[0] for f in encoded.features], device=device)
         packed = shrink_placeholders(
             input_ids,
@@ -375,6 +382,41 @@ class Handle:
         finally:
             self._disarm()
         return _restore_prompt(output, input_ids, prepared["input_ids"].shape[1])  # type: ignore[union-attr]
+
+
+def _instructions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_token_id: int,
+    counts: torch.Tensor,
+    embed: nn.Module,
+) -> list[torch.Tensor]:
+    """Per image, the (M, H) input embeddings of its instruction: the real tokens of its
+    row after the row's last image placeholder (the question and the chat template's
+    suffix), for methods that weigh patches by their relevance to it (CDPruner).
+
+    Args:
+        input_ids: (B, L) the caller's ids, placeholders unreduced.
+        attention_mask: (B, L) or None; padding is no instruction.
+        image_token_id: the placeholder id.
+        counts: (I,) placeholders of every image, in order across rows.
+        embed: the LLM's input embeddings.
+    """
+    image_of, _ = assign_placeholders(input_ids, image_token_id, counts)
+    is_image = input_ids == image_token_id
+    real = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    per_image: list[torch.Tensor] = [torch.empty(0)] * int(counts.shape[0])
+    with torch.no_grad():
+        for row in range(input_ids.shape[0]):
+            if not bool(is_image[row].any()):
+                continue
+            last = int(positions[is_image[row]].max())
+            text = input_ids[row][(positions > last) & real[row]]
+            vectors = embed(text[None])[0]  # (M, H)
+            for image in image_of[row][is_image[row]].unique().tolist():
+                per_image[image] = vectors
+    return per_image
 
 
 def _restore_prompt(output: Any, input_ids: torch.Tensor, prompt_length: int) -> Any:

@@ -230,6 +230,7 @@ class InternVLAdapter(FamilyAdapter):
             if inputs.keys is not None and inputs.cls_attn is not None:
                 inputs.keys, inputs.cls_attn = inputs.keys.to(device), inputs.cls_attn.to(device)
         budgets = self._budgets(tiles, tokens_in)
+        image_of_tile = [i for i, n in enumerate(tiles) for _ in range(n)]
         groups: dict[int | None, list[int]] = defaultdict(list)
         for tile, budget in enumerate(budgets):
             groups[budget].append(tile)
@@ -251,6 +252,7 @@ class InternVLAdapter(FamilyAdapter):
                 space="projected" if projected_space else "tower",
                 tower_features=None if not projected_space else raw[index.to(raw.device)],
             )
+            self.add_instruction(batch, [image_of_tile[t] for t in members])
             reduction = self.method.reduce(batch)
             reductions.append(reduction)
             for tile, tokens, anchor, length in zip(

@@ -71,10 +71,12 @@ class LlavaAdapter(FamilyAdapter):
                 inputs.cls_token = self.projector(inputs.cls_token.to(device))
             if inputs.keys is not None and inputs.cls_attn is not None:
                 inputs.keys, inputs.cls_attn = inputs.keys.to(device), inputs.cls_attn.to(device)
+            self.add_instruction(inputs, range(inputs.features.shape[0]))
             reduction = self.method.reduce(inputs)
             registers = self.projector(out.passthrough.to(device))  # (I, R, H)
             projected = torch.cat([registers.to(reduction.tokens.dtype), reduction.tokens], dim=1)
         else:
+            self.add_instruction(out.inputs, range(out.inputs.features.shape[0]))
             reduction = self.method.reduce(out.inputs)
             tokens = torch.cat(
                 [out.passthrough.to(reduction.tokens.dtype), reduction.tokens], dim=1

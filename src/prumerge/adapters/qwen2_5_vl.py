@@ -137,6 +137,7 @@ class Qwen25VLAdapter(FamilyAdapter):
                 inputs.keys = torch.stack([keys[i] for i in members])
                 inputs.cls_attn = torch.stack([importance[i] for i in members])
                 inputs.key_heads = self.attention.num_heads
+            self.add_instruction(inputs, members)
             reduction = self.method.reduce(inputs)
             reductions.append(reduction)
             for i, tokens, anchor, length in zip(

@@ -26,6 +26,7 @@ Every registered method is picked up by the registry-parametrised tests.
 """
 
 from prumerge.methods import builtin as _builtin  # noqa: F401  (registers the built-ins)
+from prumerge.methods import cdpruner as _cdpruner  # noqa: F401
 from prumerge.methods import dart as _dart  # noqa: F401
 from prumerge.methods import hiprune as _hiprune  # noqa: F401
 from prumerge.methods import pdrop as _pdrop  # noqa: F401

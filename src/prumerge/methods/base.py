@@ -60,6 +60,11 @@ class VisionInputs:
         object_importance: (B, N) the mean attention each patch receives in the encoder
             layer the method's ``object_layer`` names (1-based), for methods that read a
             second layer (HiPrune's anchors); None otherwise.
+        instruction: (B, M, H) for methods with ``needs_instruction``: the LLM's input
+            embeddings of the instruction each row's image came with (the prompt's text
+            after the row's last image), padded; None where the call has no prompt
+            (``Handle.encode_images``) or the method does not ask.
+        instruction_mask: (B, M) bool, False at the padding of ``instruction``.
     """
 
     features: torch.Tensor
@@ -72,6 +77,8 @@ class VisionInputs:
     space: str = "tower"
     tower_features: torch.Tensor | None = None
     object_importance: torch.Tensor | None = None
+    instruction: torch.Tensor | None = None
+    instruction_mask: torch.Tensor | None = None
 
     @property
     def importance(self) -> torch.Tensor | None:
@@ -115,6 +122,9 @@ class Method:
     side: ClassVar[str] = "vision"
     #: The adapter captures q/k of the attention layer only for methods that need them.
     needs_attention: ClassVar[bool] = False
+    #: The Handle embeds each prompt's instruction only for methods that read it
+    #: (``VisionInputs.instruction``).
+    needs_instruction: ClassVar[bool] = False
 
     def describe_budget(self) -> str:
         """What this method's token count means, for statistics and docs."""
