@@ -15,6 +15,7 @@ from prumerge.adapters.sequence import Packed
 from prumerge.errors import PrumergeError
 from prumerge.methods import Method, VisionInputs
 from prumerge.ops import Reduction
+from prumerge.registry import Registry
 
 
 @dataclass
@@ -200,15 +201,31 @@ class FamilyAdapter:
         """End what ``arm`` started; called after every call and by ``Handle.remove``."""
 
 
-#: The registered families, in the order they are listed in errors and docs.
-FAMILIES: dict[str, type[FamilyAdapter]] = {}
+#: The registered families, in the order they are listed in errors and docs: the built-ins
+#: (imported by name on first use, so that nothing here imports them back) and those of
+#: outside packages (entry-point group ``prumerge.families``; see ``prumerge.registry``).
+FAMILIES: Registry[type[FamilyAdapter]] = Registry(
+    "family",
+    group="prumerge.families",
+    builtins=tuple(
+        f"prumerge.adapters.{module}"
+        for module in (
+            "llava",
+            "llava_next",
+            "llava_onevision",
+            "qwen2_5_vl",
+            "qwen3_vl",
+            "internvl",
+            "gemma3",
+        )
+    ),
+)
 
 
 def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
-    if cls.family in FAMILIES:
-        raise ValueError(f"family {cls.family!r} is registered twice")
-    FAMILIES[cls.family] = cls
-    return cls
+    """Class decorator adding a family under its ``family`` name (a second family of the
+    same name raises ``prumerge.registry.DuplicateNameError``)."""
+    return FAMILIES.add(cls.family, cls)
 
 
 def supported_models() -> str:

@@ -484,7 +484,6 @@ def apply(
     ``model(**inputs, labels=labels)`` runs with the reduced tokens; its logits and loss are
     over the shrunk sequence (each image's placeholders cut to its reduced length).
     """
-    import prumerge.adapters  # noqa: F401  (registers the families)
     from prumerge.methods import build_method
 
     if isinstance(method, str):

@@ -17,6 +17,7 @@ from torch import nn
 
 from prumerge.errors import PrumergeError
 from prumerge.methods import LanguageMethod
+from prumerge.registry import Registry
 
 
 class LanguagePatch:
@@ -58,18 +59,21 @@ class LanguagePatch:
         raise NotImplementedError
 
 
-LANGUAGE_PATCHES: dict[str, type[LanguagePatch]] = {}
+#: The language-model patches, by the name of the LLM-side method they implement: the
+#: built-ins (imported by name on first use) and those of outside packages (entry-point
+#: group ``prumerge.llm_patches``; see ``prumerge.registry``).
+LANGUAGE_PATCHES: Registry[type[LanguagePatch]] = Registry(
+    "LLM-side patch",
+    group="prumerge.llm_patches",
+    builtins=("prumerge.adapters.fastv", "prumerge.adapters.dart", "prumerge.adapters.pdrop"),
+)
 P = TypeVar("P", bound=type[LanguagePatch])
 
 
 def register_language_patch(name: str) -> Callable[[P], P]:
-    """Class decorator: the patch that implements the LLM-side method ``name``."""
-
-    def add(cls: P) -> P:
-        LANGUAGE_PATCHES[name] = cls
-        return cls
-
-    return add
+    """Class decorator: the patch that implements the LLM-side method ``name`` (a second
+    patch of the same name raises ``prumerge.registry.DuplicateNameError``)."""
+    return LANGUAGE_PATCHES.register(name)  # type: ignore[return-value]
 
 
 def patch_language_model(method: LanguageMethod, language_model: nn.Module) -> LanguagePatch:

@@ -22,7 +22,9 @@ adapter then projects all patches first, hands the method the projected tokens (
 tower features they came from, in ``VisionInputs.tower_features``), and sends the tokens it
 returns to the LLM without projecting them again.
 
-Every registered method is picked up by the registry-parametrised tests.
+Every registered method is picked up by the registry-parametrised tests. An outside package
+adds a method through the entry-point group ``prumerge.methods`` (``prumerge.registry``); it
+then reaches every command, the trainer, the server and the plugin like a built-in.
 """
 
 from prumerge.methods import builtin as _builtin  # noqa: F401  (registers the built-ins)

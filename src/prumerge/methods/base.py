@@ -12,6 +12,7 @@ import torch
 
 from prumerge.ops import Reduction, full_reduction
 from prumerge.ops.select import validate_keep
+from prumerge.registry import Registry
 
 #: Where a method's importance signal comes from: "cls", the [CLS] query's attention over
 #: the patches; "mean", the mean attention each patch receives from all queries (towers
@@ -223,21 +224,22 @@ def option_defaults(cls: type[Method]) -> dict[str, Any]:
     }
 
 
-METHODS: dict[str, type[Method]] = {}
+def _name_method(name: str, cls: type[Method]) -> None:
+    cls.name = name
+
+
+#: The registered methods: the built-ins (``prumerge.methods`` imports them) and those of
+#: outside packages (entry-point group ``prumerge.methods``; see ``prumerge.registry``).
+METHODS: Registry[type[Method]] = Registry(
+    "method", group="prumerge.methods", builtins=("prumerge.methods",), on_add=_name_method
+)
 T = TypeVar("T", bound=type[Method])
 
 
 def register_method(name: str) -> Callable[[T], T]:
-    """Class decorator adding a method to the registry under ``name``."""
-
-    def add(cls: T) -> T:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return add
+    """Class decorator adding a method to the registry under ``name`` (a second method of
+    the same name raises ``prumerge.registry.DuplicateNameError``)."""
+    return METHODS.register(name)  # type: ignore[return-value]
 
 
 def method_names() -> list[str]:
@@ -247,9 +249,7 @@ def method_names() -> list[str]:
 def build_method(name: str, **options: Any) -> Method:
     """Instantiate a registered method; unknown names, unknown options and bad values raise
     ValueError with a one-line message (the constructors check their own values)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
-    cls = METHODS[name]
+    cls = METHODS[name]  # an unknown name: UnknownNameError (a ValueError), names listed
     accepted = list(option_defaults(cls))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
