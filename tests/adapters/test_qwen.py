@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import prumerge
+from prumerge.errors import PrumergeError
 
 from .families import CASES, build_batch
 from .test_families import ROWS, generate
@@ -107,3 +108,21 @@ def test_downsample_runs_the_tower_on_smaller_images(family):
     assert handle.stats.tokens_out == [6, 6, 6]
     assert handle.stats.tokens_in == inputs["counts"]
     assert torch.equal(out, cached)
+
+
+@pytest.mark.parametrize("method", ["vispruner", "cdpruner"])
+def test_the_issue_25_vision_methods_apply_to_a_tiny_qwen2_5_vl(method):
+    case = CASES["qwen2_5_vl"]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    with prumerge.apply(model, method, keep=0.5) as handle:
+        out = generate(model, inputs, max_new_tokens=2)
+        assert handle.stats.tokens_out == [round(0.5 * n) for n in inputs["counts"]]
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_hiprune_is_refused_on_qwen2_5_vl_in_one_line():
+    model = CASES["qwen2_5_vl"].build("sdpa", 0)
+    with pytest.raises(PrumergeError, match="two vision-tower layers") as info:
+        prumerge.apply(model, "hiprune", keep=0.5)
+    assert "\n" not in str(info.value)
