@@ -21,7 +21,7 @@ from prumerge.ops.hiprune import BUFFER_MODES, hiprune
 @register_method("hiprune")
 class HiPrune(VisionMethod):
     """HiPrune (Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical
-    Attention in Vision Encoders", arXiv 2508.00553), as its released code computes it.
+    Attention in Vision-Language Models", arXiv 2508.00553), as its released code computes it.
 
     The "global attention" of a layer is the attention each patch receives, averaged over
     heads and over every query ([CLS] included). Anchors: the round(T * alpha / 5) patches

@@ -1,5 +1,5 @@
 """HiPrune (Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical
-Attention in Vision Encoders", arXiv 2508.00553): anchors and their neighbours from a middle
+Attention in Vision-Language Models", arXiv 2508.00553): anchors and their neighbours from a middle
 layer's attention, registers from a deep layer's."""
 
 from __future__ import annotations
