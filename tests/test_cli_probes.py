@@ -168,3 +168,39 @@ def test_train_refuses_a_picture_as_projector_weights_before_building(
     argv = ["train", "--init-projector", str(_photo(tmp_path)), "--output-dir", str(out)]
     check_refused(argv, "not a safetensors file of projector weights", capsys, no_model_load)
     assert not out.exists()
+
+
+def test_eval_refuses_another_configurations_directory_before_loading(
+    tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
+    import prumerge.runtime
+
+    out = tmp_path / "out"
+    argv = ["eval", "--benchmark", "synth", "--model", str(tiny_checkpoint), "--methods", "pool"]
+    argv += ["--keep", "9", "--out", str(out), "--no-plot", "--no-progress"]
+    assert main([*argv, "--limit", "4"]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    calls: list[tuple] = []
+    real = prumerge.runtime.load_model
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prumerge.runtime, "load_model", spy)
+    err = check_refused(
+        [*argv, "--limit", "3"], "holds results of a different configuration", capsys, calls
+    )
+    assert "n_samples: 4 != 3" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the same configuration resumes (and loads the model once)
+    assert main([*argv, "--limit", "4"]) == 0 and len(calls) == 1
+
+
+def test_the_default_models_id_is_known_before_it_loads(default_model) -> None:
+    from prumerge.models.default import default_entry_name
+
+    model, _ = default_model
+    assert Path(model.name_or_path).name == default_entry_name()

@@ -303,17 +303,18 @@ def _init_distributed(world: int, device: str) -> bool:
     return True
 
 
-def _model_id(requested: str | None, model: Any) -> str:
-    """What identifies the model in result files.
+def _model_id(requested: str | None) -> str:
+    """What identifies the model in result files, known before the model loads.
 
     The embedded model is named by its variant and cache entry, which hashes the projector
     and adapter weights, so results of different weights never mix.
     """
+    from prumerge.models.default import default_entry_name
     from prumerge.runtime import default_variant
 
     variant = default_variant(requested)
     if variant is not None:
-        entry = Path(str(getattr(model, "name_or_path", "") or "untitled")).name
+        entry = default_entry_name(variant)
         return ("default:" if variant == "default" else f"default:{variant}:") + entry
     path = Path(requested).expanduser()
     return str(path.resolve()) if path.exists() else requested
@@ -434,16 +435,7 @@ def _evaluate_locked(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # from_pretrained's weight-loading bar
-    started = time.perf_counter()
-    model, processor, prompt_fn = load_model(
-        args.model,
-        device=device,
-        cache_dir=args.cache_dir,
-        dtype=args.dtype,
-        device_map=args.device_map,
-    )
-    load_seconds = time.perf_counter() - started
-    model_id = _model_id(args.model, model)
+    model_id = _model_id(args.model)
     if args.dtype not in (None, "float32"):
         model_id += f" ({args.dtype})"  # results of another dtype never mix with these
 
@@ -455,7 +447,8 @@ def _evaluate_locked(
         configs.append(
             (EvalConfig(plan.method, plan.budget, model_id=model_id, options=recorded), method)
         )
-    # Refuse a results directory of another configuration before spending time on any.
+    # Refuse a results directory of another configuration before loading the model, let
+    # alone spending time on any configuration.
     if not args.overwrite:
         try:
             for config, _ in configs:
@@ -465,6 +458,15 @@ def _evaluate_locked(
                 raise _QuietError from None
             raise
 
+    started = time.perf_counter()
+    model, processor, prompt_fn = load_model(
+        args.model,
+        device=device,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        device_map=args.device_map,
+    )
+    load_seconds = time.perf_counter() - started
     wall: dict[str, float] = {}
     for config, method in configs:
         start = time.perf_counter()

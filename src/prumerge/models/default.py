@@ -391,6 +391,35 @@ def available_resolutions(variant: str = "default") -> list[int]:
     return sorted(found)
 
 
+def _shipped_parts(
+    variant: str, resolution: int | None
+) -> tuple[int, Path, Path | None, str, str | None]:
+    """``(resolution, projector path, LoRA folder, projector hash, LoRA hash)`` of a variant."""
+    _check_variant(variant)
+    if resolution is None:
+        shipped = available_resolutions(variant)
+        resolution = (
+            DEFAULT_RESOLUTION if DEFAULT_RESOLUTION in shipped or not shipped else shipped[0]
+        )
+    projector_path = shipped_projector_path(resolution, variant)
+    lora_dir = shipped_lora_dir(variant)
+    if projector_path.is_file():
+        projector_hash = sha256_file(projector_path)
+    elif variant != "default":
+        raise PrumergeError(f"the {variant!r} variant of the default model does not ship")
+    else:
+        projector_hash = "untrained"
+    lora_hash = lora_digest(lora_dir) if lora_dir is not None else None
+    return resolution, projector_path, lora_dir, projector_hash, lora_hash
+
+
+def default_entry_name(variant: str = "default", resolution: int | None = None) -> str:
+    """The cache entry ``load_default_model`` uses, without loading or building anything:
+    it names the weights (results files record it), so it is known before a model loads."""
+    resolution, _, _, projector_hash, lora_hash = _shipped_parts(variant, resolution)
+    return cache_entry_name(resolution, projector_hash, lora_hash)
+
+
 def load_default_model(
     cache_dir: str | Path | None = None,
     device: str | torch.device | None = "cpu",
@@ -425,27 +454,15 @@ def load_default_model(
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    _check_variant(variant)
-    if resolution is None:
-        shipped = available_resolutions(variant)
-        resolution = (
-            DEFAULT_RESOLUTION if DEFAULT_RESOLUTION in shipped or not shipped else shipped[0]
-        )
-    projector_path = shipped_projector_path(resolution, variant)
-    lora_dir = shipped_lora_dir(variant)
-    if projector_path.is_file():
-        projector_hash = sha256_file(projector_path)
-    elif variant != "default":
-        raise PrumergeError(f"the {variant!r} variant of the default model does not ship")
-    else:
+    resolution, projector_path, lora_dir, projector_hash, lora_hash = _shipped_parts(
+        variant, resolution
+    )
+    if projector_hash == "untrained":
         warnings.warn(
             f"no trained projector ships for {resolution} px; the default model will have an "
             "untrained projector and answer nonsense",
             stacklevel=2,
         )
-        projector_hash = "untrained"
-    lora_hash = lora_digest(lora_dir) if lora_dir is not None else None
-
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     entry = root / cache_entry_name(resolution, projector_hash, lora_hash)
 
