@@ -350,7 +350,7 @@ def _per_row(rows: list[list[int]]) -> dict[str, Any]:
 ANYRES_FIXED = "anyres views have the tower's fixed size"
 QK_NORM = "normalises q and k per head \\(QK-norm\\)"
 #: The LLM-side methods, which the QK-norm decoders refuse.
-LLM_SIDE = ("fastv", "dart", "pdrop")
+LLM_SIDE = ("fastv", "dart", "pdrop", "sparsevlm")
 TWO_LAYERS = "reads the attention of two vision-tower layers"
 CASES = {
     "llava": Case("llava", _llava, _llava_images, kinds=3),

@@ -88,6 +88,7 @@ def test_every_family_has_a_case():
             ("fastv", {"keep": 1.0}),
             ("dart", {"keep": 1.0}),
             ("pdrop", {"keep": 1.0}),
+            ("sparsevlm", {"keep": 1.0, "layers": "0,1"}),
         ]
     ),
 )
@@ -116,6 +117,7 @@ def test_nothing_removed_matches_the_unpatched_model(family, method, options):
             ("pdrop", {"layers": (1, 2)}),
             ("hiprune", {"keep": 6, "alpha": 5 / 6, "object_layer": 1}),
             ("cdpruner", {"keep": 6}),
+            ("sparsevlm", {"keep": 0.3, "layers": "0,1"}),
         ]
     ),
 )

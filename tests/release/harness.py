@@ -87,7 +87,7 @@ IMAGE_SIZE, PATCH = 56, 7  # 8 x 8 = 64 patches
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 
 
-def release_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+def release_llava(seed: int = 0, text_layers: int = 3) -> LlavaForConditionalGeneration:
     """A tiny random LLaVA-1.5 with a CLIP tower (eager attention, so that it can return its
     attention weights) and ``vision_feature_layer=-2``, its [CLS] attention peaked."""
     vision = CLIPVisionConfig(
@@ -96,7 +96,7 @@ def release_llava(seed: int = 0) -> LlavaForConditionalGeneration:
     text = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=100,

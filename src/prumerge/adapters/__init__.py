@@ -4,7 +4,7 @@ One module per model family, each a ``FamilyAdapter`` registered in ``FAMILIES``
 ``llava`` (LLaVA-1.5), ``llava_next`` (LLaVA-NeXT), ``llava_onevision`` (LLaVA-OneVision),
 ``qwen2_5_vl`` (Qwen2.5-VL and Qwen2-VL), ``qwen3_vl`` (Qwen3-VL), ``internvl`` (InternVL3)
 and ``gemma3`` (Gemma 3). ``prumerge.apply`` picks the family from the model's
-class. LLM-side methods (FastV, DART, PDrop) go through ``llm.LanguagePatch`` instead. A new family
+class. LLM-side methods (FastV, DART, PDrop, SparseVLM) go through ``llm.LanguagePatch`` instead. A new family
 is a new module here, named in ``base.FAMILIES``'s built-ins (or, from an outside package, an
 entry point of group ``prumerge.families``).
 """

@@ -65,7 +65,12 @@ class LanguagePatch:
 LANGUAGE_PATCHES: Registry[type[LanguagePatch]] = Registry(
     "LLM-side patch",
     group="prumerge.llm_patches",
-    builtins=("prumerge.adapters.fastv", "prumerge.adapters.dart", "prumerge.adapters.pdrop"),
+    builtins=(
+        "prumerge.adapters.fastv",
+        "prumerge.adapters.dart",
+        "prumerge.adapters.pdrop",
+        "prumerge.adapters.sparsevlm",
+    ),
 )
 P = TypeVar("P", bound=type[LanguagePatch])
 

@@ -32,6 +32,7 @@ from prumerge.methods import cdpruner as _cdpruner  # noqa: F401
 from prumerge.methods import dart as _dart  # noqa: F401
 from prumerge.methods import hiprune as _hiprune  # noqa: F401
 from prumerge.methods import pdrop as _pdrop  # noqa: F401
+from prumerge.methods import sparsevlm as _sparsevlm  # noqa: F401
 from prumerge.methods import vispruner as _vispruner  # noqa: F401
 from prumerge.methods import zoo as _zoo  # noqa: F401  (registers the peer methods)
 from prumerge.methods.base import (

@@ -16,8 +16,9 @@ from prumerge.methods.base import (
 PDROP_POSITIONS = ("compact", "original")
 
 
-def parse_layers(name: str, value: Any) -> tuple[int, ...]:
-    """Increasing layer indices >= 1, from a tuple/list of ints or text such as "8,16,24"."""
+def parse_layers(name: str, value: Any, minimum: int = 1) -> tuple[int, ...]:
+    """Increasing layer indices >= ``minimum``, from a tuple/list of ints or text such as
+    "8,16,24"."""
     if isinstance(value, str):
         parts = [p for p in value.replace(" ", "").split(",") if p]
         if not all(p.isdigit() for p in parts):
@@ -30,8 +31,8 @@ def parse_layers(name: str, value: Any) -> tuple[int, ...]:
     if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
         raise ValueError(f"{name} must be increasing layer indices such as 8,16,24; got {value!r}")
     layers = tuple(value)
-    if layers[0] < 1 or list(layers) != sorted(set(layers)):
-        raise ValueError(f"{name} must increase and start at >= 1; got {list(layers)}")
+    if layers[0] < minimum or list(layers) != sorted(set(layers)):
+        raise ValueError(f"{name} must increase and start at >= {minimum}; got {list(layers)}")
     return layers
 
 
