@@ -27,7 +27,7 @@ SERVABLE = {
     # The plugin reduces before its projector runs: DivPrune on the tower's features.
     "divprune": {"keep": 64, "space": "tower"},
 }
-UNSERVABLE = {"fastv", "dart", "pdrop", "downsample", "hiprune", "cdpruner"}
+UNSERVABLE = {"fastv", "dart", "pdrop", "sparsevlm", "downsample", "hiprune", "cdpruner"}
 
 
 def test_every_registered_method_is_classified():
