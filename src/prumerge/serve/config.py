@@ -1,9 +1,11 @@
-"""What a served model reduces: one method and one fixed budget, read from the model's config.
+"""What a served model reduces: one method and its budget, read from the model's config.
 
 vLLM sizes each image's run of placeholder tokens when it processes the prompt, before the
-vision tower runs, so every image of a served model must reduce to the same, known number
-of tokens. This module turns the ``prumerge`` entry of a model's config (set with vLLM's
-``--hf-overrides`` or written into ``config.json``) into a reduction method and that count.
+model's encoder runs. A fixed budget gives every image the same, known number of tokens; an
+adaptive one (PruMerge's IQR count) is counted by the plugin's multimodal processor, which
+runs the tower and the reduction itself (``prumerge.serve.vllm.adaptive``). This module
+turns the ``prumerge`` entry of a model's config (set with vLLM's ``--hf-overrides`` or
+written into ``config.json``) into a reduction method and, for a fixed budget, its count.
 It imports neither vLLM nor transformers, so the main environment can test it.
 """
 
@@ -22,8 +24,14 @@ ARCHITECTURE = "PrumergeLlavaForConditionalGeneration"
 CONFIG_KEY = "prumerge"
 
 
-#: A validated serving configuration: a ``MethodSpec`` (``keep`` is the fixed budget).
+#: A validated serving configuration: a ``MethodSpec`` (``keep`` is the budget).
 ServeConfig = MethodSpec
+
+
+def is_adaptive(config: ServeConfig) -> bool:
+    """Whether each image chooses its own count: ``keep`` left out, None or "adaptive" for
+    a method whose default budget is adaptive (PruMerge and PruMerge+)."""
+    return config.takes_budget and config.budget is None
 
 
 def parse_serve_config(value: Any) -> ServeConfig:
@@ -39,7 +47,10 @@ def parse_serve_config(value: Any) -> ServeConfig:
     Raises:
         PrumergeError: for a missing or unknown method, unknown options, an LLM-side method
             (FastV prunes inside the language model, which the plugin does not patch), a
-            method that resizes the input image (downsample), or an adaptive budget (vLLM needs each image's token count before the encoder runs).
+            method that resizes the input image (downsample), a method that merges inside
+            the tower or selects on the projector's outputs. An adaptive budget (PruMerge's
+            and PruMerge+'s default) is served: the plugin's multimodal processor counts and
+            reduces each image (``prumerge.serve.vllm.adaptive``).
     """
     if isinstance(value, str):
         try:
@@ -83,12 +94,6 @@ def parse_serve_config(value: Any) -> ServeConfig:
             f"method {config.method!r} selects on the projector's outputs, which the vLLM "
             f"plugin does not compute before reducing; serve it with space='tower'"
         )
-    if "keep" in method.options() and method.options()["keep"] is None:
-        raise PrumergeError(
-            f"method {config.method!r} with an adaptive budget (keep=None) cannot be served yet: "
-            f"vLLM sizes each image's placeholders before the vision tower runs; give a fixed "
-            f'budget, e.g. {{"method": "{config.method}", "keep": 64}}'
-        )
     return config
 
 
@@ -100,8 +105,8 @@ def hf_overrides(method: str, **options: Any) -> dict[str, Any]:
 
     Args:
         method: a vision-side method name, e.g. ``"prumerge+"``.
-        **options: its options; ``keep`` (an int count or a float ratio of the N patches)
-            is required for methods whose default is adaptive.
+        **options: its options; ``keep`` is an int count, a float ratio of the N patches,
+            or left out / None / ``"adaptive"`` for PruMerge's per-image count.
     """
     config = parse_serve_config({"method": method, **options})
     return {"architectures": [ARCHITECTURE], CONFIG_KEY: config.as_dict()}

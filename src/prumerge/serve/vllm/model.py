@@ -20,6 +20,7 @@ The method and budget come from the model config's ``prumerge`` entry; see
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
@@ -55,10 +56,12 @@ from prumerge.serve.config import (
     ARCHITECTURE,
     CONFIG_KEY,
     ServeConfig,
+    is_adaptive,
     output_count,
     parse_serve_config,
 )
 from prumerge.serve.vision import layout_of, reduce_patches
+from prumerge.serve.vllm.adaptive import COUNTS, FEATURES, max_count, processor_tower
 from prumerge.serve.vllm.towers import build_tower, run_tower, tower_kind, tower_weights_mapper
 
 
@@ -100,15 +103,28 @@ class PrumergeLlavaProcessingInfo(BaseProcessingInfo):
         return int(height), int(width)
 
     @cached_property
+    def serve_config(self) -> ServeConfig:
+        return serve_config_of(self.get_hf_config())
+
+    @cached_property
     def reduced_count(self) -> int:
-        """K, the visual tokens each image sends to the LLM."""
+        """K, the visual tokens each image sends to the LLM (for an adaptive budget: the
+        most an image can send)."""
         hf_config = self.get_hf_config()
-        method = serve_config_of(hf_config).build()
+        method = self.serve_config.build()
         layout = layout_of(hf_config, method)
         height, width = self.pixel_size
         rows, cols = height // layout.patch_size, width // layout.patch_size
+        if is_adaptive(self.serve_config):
+            return max_count(rows * cols, layout.num_passthrough)
         # Registers (DINOv2's) reach the LLM unreduced, before the reduced patches.
         return output_count(method, rows * cols, (rows, cols)) + layout.num_passthrough
+
+    def processor_tower(self):
+        """The tower and method the processor runs for an adaptive budget."""
+        model_config = self.ctx.model_config
+        key = json.dumps(self.serve_config.as_dict(), sort_keys=True)
+        return processor_tower(model_config.model, model_config.revision, self.get_hf_config(), key)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         return self.reduced_count  # every image is resized to one size first
@@ -147,11 +163,35 @@ class PrumergeLlavaDummyInputsBuilder(BaseDummyInputsBuilder[PrumergeLlavaProces
 
 
 class PrumergeLlavaMultiModalProcessor(BaseMultiModalProcessor[PrumergeLlavaProcessingInfo]):
-    """Replaces each ``<image>`` token of the prompt with K placeholder tokens."""
+    """Replaces each ``<image>`` token of the prompt with K placeholder tokens.
+
+    With an adaptive budget it also runs the tower and the reduction on each image and
+    hands the reduced tokens on in place of the pixels (``prumerge.serve.vllm.adaptive``);
+    K is then each image's own count.
+    """
+
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
+        outputs = super()._call_hf_processor(hf_data, hf_kwargs)
+        if is_adaptive(self.info.serve_config) and "pixel_values" in outputs:
+            pixel_values = outputs.pop("pixel_values")
+            if isinstance(pixel_values, (list, tuple)):
+                pixel_values = torch.stack(list(pixel_values))
+            tokens = self.info.processor_tower().reduce(pixel_values)
+            outputs[FEATURES] = torch.cat(tokens)
+            outputs[COUNTS] = torch.tensor([len(t) for t in tokens])
+        return outputs
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
+        if is_adaptive(self.info.serve_config):
+            counts = hf_inputs.get(COUNTS, torch.empty(0, dtype=torch.long))
+            return {
+                FEATURES: MultiModalFieldConfig.flat_from_sizes("image", counts),
+                COUNTS: MultiModalFieldConfig.batched("image"),
+            }
         return {"pixel_values": MultiModalFieldConfig.batched("image")}
 
     def _get_prompt_updates(
@@ -161,6 +201,17 @@ class PrumergeLlavaMultiModalProcessor(BaseMultiModalProcessor[PrumergeLlavaProc
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         image_token_id = self.info.get_hf_config().image_token_id
+        if is_adaptive(self.info.serve_config):
+            # The count the processor computed for this item (cached with it).
+            def replacement(item_idx: int) -> list[int]:
+                count = int(out_mm_kwargs["image"][item_idx][COUNTS].data)
+                return [image_token_id] * count
+
+            return [
+                PromptReplacement(
+                    modality="image", target=[image_token_id], replacement=replacement
+                )
+            ]
         count = self.info.reduced_count
         return [
             PromptReplacement(
@@ -234,12 +285,16 @@ class PrumergeLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         self.configure_mm_token_handling(
             vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_id]
         )
+        self.adaptive = is_adaptive(self.serve_config)
         with self._mark_tower_model(vllm_config, "image"):
             # Built up to the deepest layer the method reads: one more CLIP layer than vLLM's
-            # LLaVA builds when PruMerge reads the layer that consumes the features.
-            self.vision_tower = build_tower(
-                config, self.layout, quant_config, maybe_prefix(prefix, "vision_tower")
-            )
+            # LLaVA builds when PruMerge reads the layer that consumes the features. With an
+            # adaptive budget the processor runs the tower, and the model only projects.
+            self.vision_tower = None
+            if not self.adaptive:
+                self.vision_tower = build_tower(
+                    config, self.layout, quant_config, maybe_prefix(prefix, "vision_tower")
+                )
             self.multi_modal_projector = LlavaProjector(
                 config, quant_config, maybe_prefix(prefix, "multi_modal_projector")
             )
@@ -261,6 +316,8 @@ class PrumergeLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
 
     # -- vision ------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
+        if self.adaptive:
+            return self.project_reduced(kwargs.get(FEATURES), kwargs.get(COUNTS))
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             return []
@@ -269,6 +326,16 @@ class PrumergeLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         assert isinstance(pixel_values, torch.Tensor)
         dtype = next(self.multi_modal_projector.parameters()).dtype
         return self.encode_images(pixel_values.to(dtype=dtype))
+
+    def project_reduced(self, tokens: object, counts: object) -> list[torch.Tensor]:
+        """Project the processor's reduced tokens (adaptive budget): one (K_i, H) per image."""
+        if tokens is None:
+            return []
+        if isinstance(tokens, torch.Tensor):  # all items' tokens, concatenated
+            sizes = torch.as_tensor(counts).reshape(-1).tolist()
+            tokens = list(tokens.split(sizes))
+        dtype = next(self.multi_modal_projector.parameters()).dtype
+        return [self.multi_modal_projector(t.to(dtype)) for t in tokens]  # type: ignore[union-attr]
 
     def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Reduced, projected features of each image: a list of (K, H) tensors.
@@ -310,7 +377,11 @@ class PrumergeLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         mapper = tower_weights_mapper(self.tower_kind) | self.hf_to_vllm_mapper
-        return AutoWeightsLoader(self).load_weights(weights, mapper=mapper)
+        # An adaptive budget leaves the tower to the processor: its weights are not loaded here.
+        skip = ["vision_tower."] if self.adaptive else None
+        return AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(
+            weights, mapper=mapper
+        )
 
     def get_mm_mapping(self) -> MultiModelKeys:
         return MultiModelKeys.from_string_field(
