@@ -5,11 +5,12 @@ embedded default model's (printed by the main environment)::
 
     MODEL=$(.venv/bin/python -c "from prumerge.models import load_default_model as m; print(m()[0].name_or_path)")
     .venv-vllm/bin/python benchmarks/vllm_batch.py --model "$MODEL" --method prumerge+ \\
-        --keeps 32 64 144 --requests 64 --max-tokens 8 --rounds 3
+        --keeps 32 64 144 --adaptive prumerge prumerge+ --requests 64 --max-tokens 8 --rounds 3
 
 Each round runs every configuration in turn (no reduction, then the method at each budget),
 each in a fresh engine process that is warmed up and then times the same batch of image
-requests (distinct easy-vqa images, one question each). The ratios to "none" are computed
+requests (distinct easy-vqa images, one question each). ``--adaptive`` adds PruMerge's
+adaptive budget (each image its own count; the tower runs in the processor). The ratios to "none" are computed
 round by round and the table gives medians over the rounds. Besides wall-clock time, each
 batch's CPU time (of the process that holds the engine) is reported, which other load on a
 shared machine disturbs far less.
@@ -119,8 +120,13 @@ def _run_one(context, model: str, serve: dict[str, Any], requests: int, max_toke
     return reply
 
 
-def _configs(method: str, keeps: list[int]) -> list[tuple[str, dict[str, Any]]]:
+def _configs(
+    method: str, keeps: list[int], adaptive: list[str]
+) -> list[tuple[str, dict[str, Any]]]:
     configs = [("none", {"method": "none"})]
+    # Adaptive budgets: the plugin's processor runs the tower once per image (in this
+    # process, so its CPU time is counted), each image keeping its own count.
+    configs += [(f"{name} adaptive", {"method": name}) for name in adaptive]
     configs += [(f"{method} keep={k}", {"method": method, "keep": k}) for k in keeps]
     return configs
 
@@ -132,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         "--method", default="prumerge+", help="reduction method (default prumerge+)"
     )
     parser.add_argument("--keeps", type=int, nargs="+", default=[32, 64, 144])
+    parser.add_argument(
+        "--adaptive",
+        nargs="*",
+        default=[],
+        metavar="METHOD",
+        help="also serve these methods with their adaptive budget (prumerge, prumerge+)",
+    )
     parser.add_argument("--requests", type=int, default=64, help="image requests per batch")
     parser.add_argument("--max-tokens", type=int, default=8, help="generated tokens per request")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from prumerge.errors import PrumergeError
     from prumerge.serve import parse_serve_config
 
-    configs = _configs(args.method, args.keeps)
+    configs = _configs(args.method, args.keeps, args.adaptive)
     try:
         for _, serve in configs:
             parse_serve_config(serve)
