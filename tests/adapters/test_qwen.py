@@ -126,3 +126,42 @@ def test_hiprune_is_refused_on_qwen2_5_vl_in_one_line():
     with pytest.raises(PrumergeError, match="two vision-tower layers") as info:
         prumerge.apply(model, "hiprune", keep=0.5)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("dart", {"keep": 0.5}),
+        ("pdrop", {"layers": (1, 2)}),
+        ("sparsevlm", {"keep": 0.3, "layers": "0,1"}),
+    ],
+)
+def test_the_issue_25_llm_methods_keep_the_m_rope_positions_on_a_tiny_qwen2_5_vl(method, options):
+    # The last decoder layer must see every kept token with the rotary embedding of its own
+    # original 3-D position: the unpatched model's, at the kept prompt positions.
+    case = CASES["qwen2_5_vl"]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    last = model.model.language_model.layers[-1].self_attn
+    seen = []
+    hook = last.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["position_embeddings"][0]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**{k: v for k, v in inputs.items() if k != "counts"})
+            full = seen.pop()  # (B, L, D)
+            with prumerge.apply(model, method, **options) as handle:
+                handle.fastv.disarm = lambda: None  # keep the call's state for inspection
+                model(**{k: v for k, v in inputs.items() if k != "counts"})
+                dropped = handle.fastv.call.dropped
+                pruned = seen.pop()  # (B, L', D)
+                out = generate(model, inputs, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert all(n < m for n, m in zip(handle.stats.tokens_out, inputs["counts"], strict=True))
+    mask = inputs["attention_mask"].bool()
+    for row in range(full.shape[0]):
+        kept = ((~dropped[row]) & mask[row]).nonzero().flatten()
+        torch.testing.assert_close(pruned[row, -kept.shape[0] :], full[row, kept])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
