@@ -204,3 +204,108 @@ def test_the_default_models_id_is_known_before_it_loads(default_model) -> None:
 
     model, _ = default_model
     assert Path(model.name_or_path).name == default_entry_name()
+
+
+OPTIONS = {
+    "unknown method": (["--method", "nosuch"], "unknown method 'nosuch'"),
+    "non-UTF-8 method": (["--method", "\udcff"], "unknown method"),
+    "unknown option": (["--option", "nosuch=1"], "does not take option(s) nosuch"),
+    "option without =": (["--option", "noequals"], "is not KEY=VALUE"),
+    "bad JSON as an option": (["--option", "keep={bad"], "not a number: '{bad'"),
+    "non-UTF-8 option": (["--option", "merge=\udcff"], "merge must be one of"),
+    "device map: bad JSON": (["--device-map", '{"a": }'], "--device-map: not a JSON object"),
+    "device map: a list": (["--device-map", "[1,2]"], "is not auto, balanced"),
+    "device map: empty": (["--device-map", "{}"], "must map module names to devices"),
+    "device map: null device": (["--device-map", '{"a": null}'], "None is not a device"),
+    "device map: negative GPU": (["--device-map", '{"a": -1}'], "-1 is not a device"),
+    "unknown flag": (["--kepp", "3"], "unrecognized arguments: --kepp 3"),
+}
+if not __import__("torch").cuda.is_available():
+    OPTIONS["device map: a GPU index"] = (["--device-map", '{"": 5}'], "CUDA is not available")
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIONS))
+def test_bad_methods_options_and_device_maps(kind: str, tmp_path: Path, capsys, no_model_load):
+    extra, needle = OPTIONS[kind]
+    argv = ["ask", str(_photo(tmp_path)), "what", "--model", MISSING_MODEL, *extra]
+    check_refused(argv, needle, capsys, no_model_load)
+
+
+def test_eval_refuses_unknown_methods_and_options(tmp_path: Path, capsys, no_model_load):
+    base = ["eval", "--benchmark", "synth", "--model", MISSING_MODEL, "--out", str(tmp_path / "o")]
+    check_refused([*base, "--methods", "nosuch"], "unknown method 'nosuch'", capsys, no_model_load)
+    check_refused([*base, "--option", "nosuch=3"], "no option 'nosuch'", capsys, no_model_load)
+    check_refused([*base, "--benchmark", "\udcff"], "unknown benchmark", capsys, no_model_load)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_outputs_are_refused_before_loading(tmp_path: Path, capsys, no_model_load):
+    # A regular file where a folder should be: refused for root too (chmod is not).
+    blocker = _written(tmp_path / "a-file", b"x")
+    photo = str(_photo(tmp_path))
+    probes = [
+        (["ask", photo, "q", "--show", f"{blocker}/kept.png"], "does not exist"),
+        (["bench", "--images", photo, "--plot", f"{blocker}/plot.png"], "does not exist"),
+        (["eval", "--benchmark", "synth", "--out", f"{blocker}/out"], "is a file"),
+        (["eval", "--benchmark", "synth", "--out", str(blocker)], "is a file; give a folder"),
+        (["train", "--output-dir", str(blocker), "--steps", "1"], "is not a directory"),
+    ]
+    before = files_under(tmp_path)
+    for argv, needle in probes:
+        model = [] if argv[0] == "train" else ["--model", MISSING_MODEL]
+        check_refused([*argv, *model], needle, capsys, no_model_load)
+    assert files_under(tmp_path) == before and blocker.read_bytes() == b"x"
+
+
+def test_an_unusable_cache_is_one_line(tmp_path: Path, capsys) -> None:
+    blocker = _written(tmp_path / "a-file", b"x")
+    code = main(["ask", str(_photo(tmp_path)), "q", "--cache-dir", f"{blocker}/cache"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"prumerge: error: cannot create the model cache {blocker}/cache")
+
+
+def _sixteen_bit(folder: Path) -> Path:
+    ramp = np.linspace(0, 65535, 4096).astype(np.uint16)
+    Image.fromarray(np.broadcast_to(ramp, (4096, 4096)).copy()).save(folder / "deep.png")
+    return folder / "deep.png"
+
+
+def _animated(folder: Path) -> Path:
+    frames = [Image.new("RGB", (30, 30), colour) for colour in ("red", "blue")]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    return folder / "anim.gif"
+
+
+def _saved(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
+
+
+VALID_IMAGES: dict[str, Callable[[Path], Path]] = {
+    "16-bit at 4096 px": _sixteen_bit,
+    "CMYK": lambda d: _saved(Image.new("CMYK", (40, 40), (0, 90, 200, 0)), d / "cmyk.jpg"),
+    "palette at 3000 px": lambda d: _saved(Image.new("P", (3000, 2000), 3), d / "pal.png"),
+    "1-bit at 3000 px": lambda d: _saved(Image.new("1", (3000, 2000), 1), d / "bw.png"),
+    "animated": _animated,
+    "RGBA": lambda d: _saved(Image.new("RGBA", (40, 40), (9, 9, 9, 0)), d / "rgba.png"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(VALID_IMAGES))
+def test_valid_images_are_answered(
+    kind: str, tiny_checkpoint: Path, tmp_path: Path, capsys, one_thread
+) -> None:
+    image = VALID_IMAGES[kind](tmp_path)
+    argv = ["ask", str(image), "what color", "--model", str(tiny_checkpoint)]
+    assert main([*argv, "--max-new-tokens", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("answer: ")
+    assert "visual tokens: 36 -> " in captured.out
+
+
+def test_long_questions_get_one_line(tiny_checkpoint: Path, tmp_path: Path, capsys, one_thread):
+    argv = ["ask", str(_photo(tmp_path)), "what " * 2000, "--model", str(tiny_checkpoint)]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [err[0]] and "takes at most 2048 positions" in err[0], err

@@ -75,7 +75,10 @@ def _show_library_messages() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (one line, exit 2)
+        return 0 if exc.code is None else int(exc.code)
     _show_library_messages()
     if not getattr(args, "func", None):
         parser.print_help()

@@ -111,10 +111,13 @@ def parse_device_map(text: str | dict | None) -> str | dict[str, Any] | None:
         if not isinstance(mapping, dict) or not mapping:
             raise PrumergeError("--device-map: the JSON must map module names to devices")
         for device in mapping.values():
-            if isinstance(device, str) and device not in ("cpu", "disk"):
-                resolve_device(device, flag="--device-map")
-            elif not isinstance(device, (str, int)) or isinstance(device, bool):
+            if isinstance(device, str):
+                if device not in ("cpu", "disk"):
+                    resolve_device(device, flag="--device-map")
+            elif not isinstance(device, int) or isinstance(device, bool) or device < 0:
                 raise PrumergeError(f"--device-map: {device!r} is not a device")
+            else:  # accelerate reads a number as a GPU's index
+                resolve_device(f"cuda:{device}", flag="--device-map")
         return mapping
     try:
         torch.device(value)
