@@ -1,9 +1,11 @@
 """Quick accuracy checks of a trained default model: easy-vqa and generated scenes.
 
 Both answer every question of an image through one shared prefix
-(``prumerge.shared_prefix``), with the reduction given, greedy, and score exact match of the
-first word (``normalize_answer``). The benchmark harness (``prumerge eval``) is the reference
-for reported tables; these run inside training and the recipe, in a few minutes.
+(``prumerge.shared_prefix``), with the reduction given, greedy, and score it with the
+benchmark harness's own metric (``exact_match`` of ``prumerge.eval.metrics``, after EvalAI's
+normalisation), so a training report and ``prumerge eval`` give the same score on the same
+answers (``score_answers``). The harness is the reference for reported tables; these run
+inside training and the recipe, in a few minutes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from typing import Any
 
 from prumerge.data.easy_vqa import is_negated, load_easy_vqa, question_type
 
-__all__ = ["evaluate_easy_vqa", "evaluate_groups", "evaluate_synth"]
+__all__ = [
+    "evaluate_easy_vqa",
+    "evaluate_groups",
+    "evaluate_synth",
+    "score_answers",
+    "synth_groups",
+]
 
 Group = tuple[Callable[[], Any], list[tuple[str, str, str]]]  # image, (question, answer, kind)
 
@@ -45,12 +53,11 @@ def evaluate_groups(
         yes/no questions by form (plain/negated) and answer.
     """
     import prumerge
-    from prumerge.models.default import format_prompt, normalize_answer
+    from prumerge.models.default import format_prompt
     from prumerge.shared_prefix import answer_shared_prefix
 
-    correct: dict[str, int] = {}
-    total: dict[str, int] = {}
-    cells = {f"{f}/{a}": [0, 0] for f in ("plain", "negated") for a in ("no", "yes")}
+    triples: list[tuple[str, str, str]] = []
+    guesses: list[str] = []
     tokens: list[int] = []
     bar = None
     if progress is not None:
@@ -71,27 +78,54 @@ def evaluate_groups(
                 max_new_tokens=4,
             )
             tokens += handle.stats.tokens_out
-            for (_, items), guesses in zip(chunk, answers, strict=True):
-                for (question, truth, kind), guess in zip(items, guesses, strict=True):
-                    right = int(normalize_answer(guess) == truth)
-                    total[kind] = total.get(kind, 0) + 1
-                    correct[kind] = correct.get(kind, 0) + right
-                    if kind == "yes/no":
-                        form = "negated" if is_negated(question) else "plain"
-                        cells[f"{form}/{truth}"][0] += right
-                        cells[f"{form}/{truth}"][1] += 1
+            for (_, items), answered in zip(chunk, answers, strict=True):
+                triples += items
+                guesses += list(answered)
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    result = score_answers(triples, guesses)
+    result["mean_tokens"] = round(sum(tokens) / max(1, len(tokens)), 2)
+    result["images"] = len(groups)
+    return result
+
+
+def score_answers(items: Sequence[tuple[str, str, str]], guesses: Sequence[str]) -> dict[str, Any]:
+    """Accuracy per question kind of ``guesses`` against ``items``' answers, scored by the
+    eval harness's ``exact_match`` metric (EvalAI normalisation), record for record.
+
+    Args:
+        items: (question, answer, kind) per question.
+        guesses: the model's answer per question.
+
+    Returns:
+        ``{"accuracy": {kind..., "all"}, "counts": {kind: n}, "questions": n,
+        "score": the harness's headline score (%)}``, plus ``"yes_no_cells"`` that split
+        easy-vqa's yes/no questions by form (plain/negated) and answer.
+    """
+    from prumerge.eval.metrics import exact_match, score_records
+
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    cells = {f"{f}/{a}": [0, 0] for f in ("plain", "negated") for a in ("no", "yes")}
+    records = []
+    for (question, truth, kind), guess in zip(items, guesses, strict=True):
+        right = int(exact_match(guess, [truth]))
+        records.append({"prediction": guess, "answers": [truth], "subtask": kind})
+        total[kind] = total.get(kind, 0) + 1
+        correct[kind] = correct.get(kind, 0) + right
+        if kind == "yes/no":
+            form = "negated" if is_negated(question) else "plain"
+            cells[f"{form}/{truth}"][0] += right
+            cells[f"{form}/{truth}"][1] += 1
     accuracy = {k: round(correct[k] / total[k], 5) for k in sorted(total)}
     accuracy["all"] = round(sum(correct.values()) / max(1, sum(total.values())), 5)
     result: dict[str, Any] = {
         "accuracy": accuracy,
         "counts": dict(sorted(total.items())),
-        "mean_tokens": round(sum(tokens) / max(1, len(tokens)), 2),
         "questions": sum(total.values()),
-        "images": len(groups),
+        "score": round(score_records("exact_match", records).get("score", 0.0), 5),
     }
     if any(c[1] for c in cells.values()):
         result["yes_no_cells"] = cells
@@ -139,6 +173,22 @@ def evaluate_easy_vqa(
     return result
 
 
+def synth_groups(scenes: int) -> list[Group]:
+    """The first ``scenes`` test scenes (seed 0), from the eval harness's own ``synth`` loader:
+    the same images, prompts, answers and subtasks as ``prumerge eval --benchmark synth``."""
+    from prumerge.eval.datasets import get_benchmark
+
+    groups: list[Group] = []
+    scene_of: dict[Any, int] = {}
+    for sample in get_benchmark("synth").loader(None, n_scenes=scenes):
+        scene = sample.meta["scene"]
+        if scene not in scene_of:
+            scene_of[scene] = len(groups)
+            groups.append((sample.image, []))
+        groups[scene_of[scene]][1].append((sample.prompt, sample.answers[0], sample.subtask))
+    return groups
+
+
 def evaluate_synth(
     model: Any,
     processor: Any,
@@ -151,15 +201,7 @@ def evaluate_synth(
 ) -> dict[str, Any]:
     """The generated benchmark's test split (its first ``scenes`` scenes, seed 0), each
     question with LLaVA's short-answer instruction as the benchmark asks it."""
-    import functools
-
-    from prumerge.data import synth
-
-    groups: list[Group] = []
-    for scene in synth.generate(scenes, split="test", seed=0):
-        load = functools.partial(synth.render, scene.objects, scene.config)
-        items = [(q.question + synth.PROMPT_SUFFIX, q.answer, q.subtask) for q in scene.questions]
-        groups.append((load, items))
+    groups = synth_groups(scenes)
     start = time.time()
     result = evaluate_groups(
         model,
