@@ -110,3 +110,19 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     assert target.read_text() == "new\n" and os.listdir(tmp_path) == ["config.json"]
     with pytest.raises(PrumergeError, match=r"^cannot write .*/no/such/x\.json: "):
         write_text_atomic(tmp_path / "no" / "such" / "x.json", "x")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [('{"lr": 0.1,\n "ste', "is damaged (line 2: "), ("[1]", "is damaged (not a JSON object)")],
+)
+def test_a_training_runs_damaged_config_is_named(text: str, needle: str, tmp_path: Path) -> None:
+    from prumerge.train.config import TrainConfig
+    from prumerge.train.loop import _prepare_output
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "config.json").write_text(text)
+    message = _prepare_output(TrainConfig(output_dir=str(tmp_path)), tmp_path)
+    assert message is not None and message.startswith(f"{tmp_path / 'config.json'} {needle}")
+    assert "different configuration" not in message and "\n" not in message
+    assert (tmp_path / "config.json").read_text() == text  # not overwritten

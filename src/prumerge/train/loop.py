@@ -169,10 +169,15 @@ def _prepare_output(cfg: TrainConfig, out: Path) -> str | None:
     except OSError as exc:
         return f"--output-dir {out}: {exc.strerror or exc}"
     if (out / "checkpoint.pt").is_file() and config_path.is_file():
+        recover = f"delete {out} (its checkpoint is of an unknown configuration) or use another --output-dir"  # noqa: E501
         try:
             old = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return f"{config_path} is unreadable; use another --output-dir"
+        except json.JSONDecodeError as exc:
+            return f"{config_path} is damaged (line {exc.lineno}: {exc.msg}); {recover}"
+        except (OSError, UnicodeDecodeError):
+            return f"{config_path} is unreadable; {recover}"
+        if not isinstance(old, dict):
+            return f"{config_path} is damaged (not a JSON object); {recover}"
         differences = config_difference(old, cfg)
         if differences:
             return (
