@@ -343,3 +343,15 @@ def test_allocator_settings_are_accepted_on_glibc():
         assert applied  # glibc accepted every value (mallopt returns 0 for a bad one)
     else:
         assert not applied
+
+
+def test_merge_lora_lives_with_models_and_refuses_a_folder_without_an_adapter(tmp_path):
+    import torch
+
+    from prumerge.errors import PrumergeError
+    from prumerge.models.lora import merge_lora
+    from prumerge.train import lora
+
+    assert lora.merge_lora is merge_lora  # training re-exports it; models import nothing above
+    with pytest.raises(PrumergeError, match="holds no LoRA adapter"):
+        merge_lora(torch.nn.Linear(2, 2), tmp_path)

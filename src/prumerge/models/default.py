@@ -301,7 +301,7 @@ def build_default_model(
             num_prompt_tokens = prompt.shape[0]
     llm, tokenizer = load_language_model(num_prompt_tokens)
     if lora is not None:
-        from prumerge.train.lora import merge_lora
+        from prumerge.models.lora import merge_lora
 
         # Merged in float32 into the dequantised weights; the result is a plain LlamaModel.
         llm.model = merge_lora(llm.model, lora)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from prumerge.errors import PrumergeError
+from prumerge.models.lora import merge_lora  # building a model merges; it lives with models
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -101,17 +102,3 @@ def save_lora(peft_model: Any, directory: str | Path) -> Path:
     directory = Path(directory)
     peft_model.save_pretrained(str(directory), safe_serialization=True)
     return directory
-
-
-def merge_lora(language_model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
-    """``language_model`` with the adapter in ``directory`` merged into its weights.
-
-    Returns the same class as it was given (peft's merge and unload), with no adapter left.
-    """
-    from peft import PeftModel
-
-    directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
-        raise PrumergeError(f"{directory} holds no LoRA adapter (adapter_config.json)")
-    wrapped = PeftModel.from_pretrained(language_model, str(directory))
-    return wrapped.merge_and_unload()
