@@ -65,3 +65,9 @@ def test_release_schedule_and_its_budget():
 def test_budgets_are_met_from_below(budget):
     stages = budget_schedule(576, budget, (8, 16, 24), 32)
     assert budget - 3 <= layer_mean(576, stages, 32) <= budget
+
+
+def test_budget_schedules_keep_the_release_shape():
+    assert budget_schedule(576, 64, (8, 16, 24), 32) == [(1, 236), (2, 97), (3, 39)]
+    assert budget_schedule(576, 128, (8, 16, 24), 32) == [(2, 297), (4, 153), (6, 78)]
+    assert budget_schedule(576, 192, (8, 16, 24), 32) == [(5, 282), (10, 139), (15, 68)]

@@ -56,12 +56,12 @@ def layer_mean(count: int, stages: list[tuple[int, int]], depth: int) -> float:
 
 
 def budget_schedule(
-    count: int, budget: int, layers: tuple[int, ...], depth: int
+    count: int, budget: int, layers: tuple[int, ...], depth: int, ratio: float = 0.5
 ) -> list[tuple[int, int]]:
-    """The stages whose layer mean comes closest to ``budget`` from below: the geometric
-    schedule on ``layers`` with its ratio solved for; where even dropping every image token
-    at ``layers[0]`` leaves more, the layers scaled down (t, 2t, 3t for 8, 16, 24) to the
-    largest first layer that can meet it.
+    """The stages whose layer mean comes closest to ``budget`` from below, in the release's
+    shape: stage layers ``layers`` scaled by t / layers[0] (t, 2t, 3t for 8, 16, 24; t at
+    most layers[0]) and the geometric ratio solved for on them; of the t that can meet the
+    budget, the one whose solved ratio is nearest ``ratio`` (the release's 0.5).
 
     Raises:
         ValueError: a budget below count / depth (dropping everything at layer 1).
@@ -69,22 +69,27 @@ def budget_schedule(
     if budget >= count:
         return []
     first = layers[0]
-    if budget * depth < first * count:
-        t = (budget * depth) // count
-        if t < 1:
-            raise ValueError(
-                f"pdrop: a budget of {budget} tokens per layer is below the {count / depth:.1f} "
-                f"that layer 0 alone gives {count} tokens over {depth} layers"
-            )
-        layers = tuple(sorted({max(1, round(layer * t / first)) for layer in layers}))
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        if layer_mean(count, geometric_schedule(count, layers, middle, depth), depth) <= budget:
-            low = middle
-        else:
-            high = middle
-    return geometric_schedule(count, layers, low, depth)
+    best: tuple[float, list[tuple[int, int]]] | None = None
+    for t in range(1, first + 1):
+        if budget * depth < t * count:
+            break  # dropping everything at layer t already leaves more than the budget
+        scaled = tuple(sorted({max(1, round(layer * t / first)) for layer in layers}))
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            stages = geometric_schedule(count, scaled, middle, depth)
+            if layer_mean(count, stages, depth) <= budget:
+                low = middle
+            else:
+                high = middle
+        if best is None or abs(low - ratio) <= best[0]:
+            best = (abs(low - ratio), geometric_schedule(count, scaled, low, depth))
+    if best is None:
+        raise ValueError(
+            f"pdrop: a budget of {budget} tokens per layer is below the {count / depth:.1f} "
+            f"that layer 0 alone gives {count} tokens over {depth} layers"
+        )
+    return best[1]
 
 
 @register_method("pdrop")
@@ -98,8 +103,8 @@ class PyramidDrop(LanguageMethod):
     layers 0-7 / 8-15 / 16-23 / 24-31, 270 tokens per layer on average).
 
     ``keep=None`` (the default) is that schedule. A ``keep`` budget is the "equivalent
-    tokens" per image: the image tokens averaged over the LLM's layers; the ratio is then
-    solved for (``prumerge.methods.pdrop.budget_schedule``).
+    tokens" per image: the image tokens averaged over the LLM's layers; the stage spacing
+    and the ratio are then solved for (``prumerge.methods.pdrop.budget_schedule``).
     """
 
     def __init__(
@@ -121,7 +126,9 @@ class PyramidDrop(LanguageMethod):
             return geometric_schedule(count, self.layers, self.ratio, depth)
         from prumerge.ops.select import budget_count
 
-        return budget_schedule(count, budget_count(self.keep, count), self.layers, depth)
+        return budget_schedule(
+            count, budget_count(self.keep, count), self.layers, depth, self.ratio
+        )
 
     def describe_budget(self) -> str:
         if self.keep is None:
