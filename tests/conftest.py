@@ -55,3 +55,13 @@ def default_model_cache(request: pytest.FixtureRequest) -> Path:
     if os.environ.get("PRUMERGE_CACHE"):
         return Path(os.environ["PRUMERGE_CACHE"])
     return Path(request.config.cache.mkdir("prumerge-default-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random checkpoint of every family ``scripts/tiny_checkpoints.py`` writes, by
+    family name, written once per session by that script."""
+    from tests.scripts import load_script
+
+    script = load_script("tiny_checkpoints")
+    return script.write_all(tmp_path_factory.mktemp("tiny-families"))

@@ -285,7 +285,8 @@ def test_memory_meter_reports_or_says_not():
 def test_generate_answers_split_and_forced_tokens(tiny_dir):
     """The runtime helpers bench and ask share: the split adds up, tokens are forced."""
     import prumerge
-    from prumerge.runtime import generate_answers, load_model
+    from prumerge.generation import generate_answers
+    from prumerge.loading import load_model
 
     model, processor, prompt = load_model(str(tiny_dir))
     images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")]

@@ -183,7 +183,7 @@ def test_eval_refuses_another_configurations_directory_before_loading(
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     calls: list[tuple] = []
-    real = prumerge.runtime.load_model
+    real = prumerge.loading.load_model
 
     def spy(*args, **kwargs):
         calls.append(args)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prumerge.errors import PrumergeError
-from prumerge.runtime import load_model, parse_device_map, resolve_dtype
+from prumerge.loading import load_model, parse_device_map, resolve_dtype
 
 
 @pytest.fixture

@@ -238,7 +238,7 @@ def make_batches(
     batch: int,
 ) -> list[Batch]:
     """Cut the images into batches of ``batch``, cycling through them to fill the last one."""
-    from prumerge.runtime import prepare_inputs
+    from prumerge.generation import prepare_inputs
 
     count = math.ceil(len(images) / batch) * batch
     order = [i % len(images) for i in range(count)]
@@ -272,7 +272,7 @@ def measure(
         what the last round saw; ``memory_kind`` says how memory was measured (None: not).
     """
     import prumerge
-    from prumerge.runtime import timed_generate
+    from prumerge.generation import timed_generate
 
     meter = MemoryMeter(model.device)
     methods = {c.label: c.build() for c in configs}

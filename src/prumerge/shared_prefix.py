@@ -22,7 +22,22 @@ import torch
 
 from prumerge.errors import PrumergeError
 
-__all__ = ["answer_shared_prefix"]
+__all__ = ["SHARED_FAMILIES", "answer_shared_prefix", "can_share"]
+
+#: Families whose LLM reads nothing but the shortened sequence at consecutive 1-D positions,
+#: which the prefix pass builds. The others (M-RoPE, DeepStack side inputs, a bidirectional
+#: image block, tiles read off the prompt) answer through ``generate``.
+SHARED_FAMILIES = ("llava", "llava_next", "llava_onevision")
+
+
+def can_share(handle: Any) -> bool:
+    """Whether ``answer_shared_prefix`` answers as ``generate`` would with this handle."""
+    adapter = getattr(handle, "adapter", None)
+    return (
+        getattr(handle, "fastv", None) is None
+        and getattr(handle, "positions", "compact") == "compact"
+        and getattr(type(adapter), "family", None) in SHARED_FAMILIES
+    )
 
 
 def _cache_argument(language_model: torch.nn.Module) -> str:
@@ -58,7 +73,7 @@ def answer_shared_prefix(
     """Greedy answers to several questions about each image, sharing each image's prefix.
 
     Args:
-        model: a ``LlavaForConditionalGeneration`` patched by ``prumerge.apply``.
+        model: a model of one of ``SHARED_FAMILIES``, patched by ``prumerge.apply``.
         processor: its processor.
         handle: the ``Handle`` that ``prumerge.apply`` returned (a vision-side method).
         images: I PIL images.
@@ -88,8 +103,13 @@ def answer_shared_prefix(
     suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
-    features = handle.encode_images(pixels)  # I tensors (K_i, H)
+    # Every image input the family takes (image_sizes for NeXT and OneVision...), not only
+    # the pixels.
+    processed = processor.image_processor(list(images), return_tensors="pt")
+    image_inputs = {k: processed[k] for k in handle.adapter.image_inputs if k in processed}
+    if "batch_num_images" in handle.adapter.image_inputs and "batch_num_images" not in processed:
+        image_inputs["batch_num_images"] = torch.ones(len(images), dtype=torch.long)
+    features = handle.encode_images(**image_inputs)  # I tensors (K_i, H)
 
     # Token ids of every prompt with a single image token; the prefix ends at that token.
     prefixes: list[list[int]] = []

@@ -87,12 +87,12 @@ def test_bad_device_prints_no_traceback():
 
 
 def test_an_unknown_default_variant_fails_before_the_model_loads(capsys, monkeypatch):
-    import prumerge.runtime
+    import prumerge.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(prumerge.runtime, "load_model", no_loading)
+    monkeypatch.setattr(prumerge.loading, "load_model", no_loading)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

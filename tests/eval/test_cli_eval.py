@@ -122,7 +122,7 @@ def test_predictor_batches_equal_single_answers_and_it_restores_the_model(
     tiny_checkpoint: Path, one_thread: None
 ) -> None:
     from prumerge.eval.datasets import load_benchmark
-    from prumerge.runtime import load_model
+    from prumerge.loading import load_model
 
     model, processor, prompt_fn = load_model(str(tiny_checkpoint))
     samples = load_benchmark("synth", n_scenes=1, limit=5).samples
@@ -151,7 +151,7 @@ def test_evaluate_closes_the_predictors_it_builds(
 ) -> None:
     from prumerge.eval.datasets import load_benchmark
     from prumerge.eval.runner import EvalConfig, evaluate
-    from prumerge.runtime import load_model
+    from prumerge.loading import load_model
 
     model, processor, prompt_fn = load_model(str(tiny_checkpoint))
     bench = load_benchmark("synth", n_scenes=1, limit=3)

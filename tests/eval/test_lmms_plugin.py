@@ -176,7 +176,7 @@ def test_loglikelihood_matches_the_unpatched_model_and_knows_its_greedy_answer(
 ) -> None:
     import torch
 
-    from prumerge.runtime import load_model
+    from prumerge.loading import load_model
 
     lm = plugin("method=none")
     doc = DOCS[0]

@@ -44,7 +44,7 @@ def add_model_placement_args(parser: argparse.ArgumentParser) -> None:
 
 def check_model_placement(args: argparse.Namespace, device: str | None) -> None:
     """Check ``--dtype`` and ``--device-map`` before any model loads."""
-    from prumerge.runtime import parse_device_map, resolve_dtype
+    from prumerge.loading import parse_device_map, resolve_dtype
 
     resolve_dtype(args.dtype, device or "cpu")
     if args.device_map is not None:

@@ -64,15 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import prumerge
+    from prumerge.generation import check_prompt_length, generate_answers, prepare_inputs
     from prumerge.images import load_image
+    from prumerge.loading import load_model, resolve_device
     from prumerge.methods.spec import MethodSpec, parse_options, parse_spec
-    from prumerge.runtime import (
-        check_prompt_length,
-        generate_answers,
-        load_model,
-        prepare_inputs,
-        resolve_device,
-    )
 
     # Everything the user gave is checked before the model loads.
     question = question_arg(args.question)
@@ -92,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         dtype=args.dtype,
         device_map=args.device_map,
+        methods=[method],
     )
     repeats = repeats or (3 if args.compare else 1)
     text = prompt(question)

@@ -128,9 +128,10 @@ def run(args: argparse.Namespace) -> int:
         summarise,
         to_json,
     )
+    from prumerge.generation import check_prompt_length
     from prumerge.images import load_image
+    from prumerge.loading import load_model, resolve_device
     from prumerge.methods.spec import parse_options
-    from prumerge.runtime import check_prompt_length, load_model, resolve_device
 
     configs = parse_configs(args.methods, args.keep, parse_options(args.option))
     batch = int_arg(args.batch, "--batch", 1)
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         dtype=args.dtype,
         device_map=args.device_map,
+        methods=[c.build() for c in configs],
     )
     name = args.model or "default model (DINOv2-S/14 + SmolLM2-135M)"
     batches = make_batches(model, processor, prompt_fn(question), images, paths, batch)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise PrumergeError("--host is empty")
     _check_address(host, port)
     from prumerge.demo.app import offline_environment
-    from prumerge.runtime import default_variant, resolve_device
+    from prumerge.loading import default_variant, resolve_device
 
     device = resolve_device(args.device)
     check_model_placement(args, device)

@@ -309,8 +309,8 @@ def _model_id(requested: str | None) -> str:
     The embedded model is named by its variant and cache entry, which hashes the projector
     and adapter weights, so results of different weights never mix.
     """
+    from prumerge.loading import default_variant
     from prumerge.models.default import default_entry_name
-    from prumerge.runtime import default_variant
 
     variant = default_variant(requested)
     if variant is not None:
@@ -341,7 +341,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> in
     from prumerge.eval.datasets import get_benchmark, load_benchmark
     from prumerge.eval.predictor import max_new_tokens_for
     from prumerge.eval.runner import check_results_directory
-    from prumerge.runtime import resolve_device
+    from prumerge.loading import resolve_device
 
     # Everything up to the model load depends only on the arguments and the files, so every
     # process fails alike; only rank 0 says why.
@@ -429,7 +429,7 @@ def _evaluate_locked(
 ) -> int:
     from prumerge.eval.predictor import ModelPredictor
     from prumerge.eval.runner import EvalConfig, check_directory, run_config, summarize
-    from prumerge.runtime import load_model
+    from prumerge.loading import load_model
 
     if args.no_progress or rank != 0:
         from transformers.utils import logging as hf_logging

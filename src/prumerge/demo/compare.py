@@ -39,7 +39,7 @@ class MethodResult:
         tokens_in: patch tokens of the image.
         tokens_out: visual tokens the LLM saw (FastV: from its layer K on).
         llm_full_layers: LLM layers that saw all ``tokens_in`` (FastV's K, else 0).
-        vision, prefill, generate: seconds, as ``prumerge.runtime.Timing`` splits them
+        vision, prefill, generate: seconds, as ``prumerge.generation.Timing`` splits them
             (the median over ``repeats`` timed runs).
         new_tokens: tokens generated.
         predicted_prefill_speedup: the cost model's ``none`` prefill time over this one's.
@@ -78,7 +78,7 @@ class DemoModel:
     """A loaded model with what the page needs beside it; one request runs at a time.
 
     Args:
-        model, processor, prompt: as ``prumerge.runtime.load_model`` returns them.
+        model, processor, prompt: as ``prumerge.loading.load_model`` returns them.
         name: how the page names the model.
     """
 
@@ -105,8 +105,8 @@ class DemoModel:
         device_map: str | None = None,
     ) -> DemoModel:
         """The default model (``model=None``, ``"default"`` or ``"default:base"``) or a
-        Hugging Face LLaVA id or directory; the rest as ``prumerge.runtime.load_model``."""
-        from prumerge.runtime import load_model
+        Hugging Face LLaVA id or directory; the rest as ``prumerge.loading.load_model``."""
+        from prumerge.loading import load_model
 
         loaded, processor, prompt = load_model(
             model, device=device, cache_dir=cache_dir, dtype=dtype, device_map=device_map
@@ -116,7 +116,7 @@ class DemoModel:
 
     @property
     def device(self) -> str:
-        from prumerge.runtime import model_device
+        from prumerge.loading import model_device
 
         return str(model_device(self.model))
 
@@ -195,8 +195,8 @@ def compare(
     import prumerge
     from prumerge.bench import Observed, make_batches, predict
     from prumerge.cost import get_hardware
+    from prumerge.generation import generate_answers
     from prumerge.methods.spec import MethodSpec
-    from prumerge.runtime import generate_answers
     from prumerge.viz import render_reduction
 
     question = question.strip()

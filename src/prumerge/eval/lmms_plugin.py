@@ -105,7 +105,7 @@ class PrumergeLlava(lmms):
         max_batch_size: Accepted for lmms-eval's interface; unused.
         cache_dir: Cache of the built default model.
         max_new_tokens: Upper bound on every task's ``max_new_tokens``.
-        dtype: Weights' dtype (see ``prumerge.runtime.resolve_dtype``).
+        dtype: Weights' dtype (see ``prumerge.loading.resolve_dtype``).
         device_map: An accelerate device map, instead of ``device``.
         **options: Further method options (``merge="mean"``, ``attention="reference"``...).
     """
@@ -129,14 +129,14 @@ class PrumergeLlava(lmms):
         import torch
 
         from prumerge.eval.predictor import ModelPredictor
-        from prumerge.methods.spec import make_method
-        from prumerge.runtime import (
+        from prumerge.loading import (
             load_model,
             model_device,
             parse_device_map,
             resolve_device,
             resolve_dtype,
         )
+        from prumerge.methods.spec import make_method
 
         super().__init__()
         self._rank = int(os.environ.get("RANK", "0"))
@@ -161,6 +161,7 @@ class PrumergeLlava(lmms):
             cache_dir=cache_dir,
             dtype=None if dtype is None else str(dtype),
             device_map=device_map,
+            methods=[reducer],
         )
         self._device = torch.device(model_device(model))
         self.predictor = ModelPredictor(

@@ -3,7 +3,7 @@
 :class:`ModelPredictor` patches the model with :func:`prumerge.apply` when it is built and
 undoes the patch on :meth:`~ModelPredictor.close` (or at the end of a ``with`` block), so one
 predictor is one configuration. Samples are answered in batches through
-:func:`prumerge.runtime.generate_answers` (left-padded, greedy), and each answer carries the
+:func:`prumerge.generation.generate_answers` (left-padded, greedy), and each answer carries the
 visual tokens its image produced and the number the language model received.
 
 The lmms-eval plugin (:mod:`prumerge.eval.lmms_plugin`) answers its requests through the same
@@ -99,7 +99,7 @@ class ModelPredictor:
         model: A ``LlavaForConditionalGeneration`` (see :func:`prumerge.apply`).
         processor: Its processor.
         prompt_fn: Formats one question about one image with the model's template (the third
-            value :func:`prumerge.runtime.load_model` returns).
+            value :func:`prumerge.loading.load_model` returns).
         method: A registered method name or a ``VisionMethod`` instance.
         max_new_tokens: Generation cap per answer.
         **options: The method's options when ``method`` is a name (``keep=0.25``, ...).
@@ -154,17 +154,19 @@ class ModelPredictor:
     def predict(self, samples: Sequence[Sample]) -> list[Prediction]:
         """Answer a batch of samples (one image each), in order; see the runner's protocol.
 
-        With a vision-side method, the samples that share an image share its prompt prefix
+        With a vision-side method on a family of ``shared_prefix.SHARED_FAMILIES`` (LLaVA-1.5,
+        NeXT, OneVision), the samples that share an image share its prompt prefix
         (:mod:`prumerge.shared_prefix`): the vision tower, the reduction and the LLM's pass
         over the image's tokens run once per image, not once per question. The answers are
         those of ``generate``. FastV, whose kept tokens depend on the question, and
-        ``positions="original"`` (whose position ids the shared prefix does not build) answer
-        each sample in full.
+        ``positions="original"`` (whose position ids the shared prefix does not build) and
+        the other families answer each sample in full.
         """
         if self.handle is None:
             raise PrumergeError("this predictor is closed")
-        shareable = self.handle.fastv is None and self.handle.positions == "compact"
-        if shareable and samples:
+        from prumerge.shared_prefix import can_share
+
+        if can_share(self.handle) and samples:
             return self._predict_shared(samples)
         questions = [self.prompt_fn(sample.prompt) for sample in samples]
         images = [[sample.load_image()] for sample in samples]
@@ -223,7 +225,7 @@ class ModelPredictor:
         Returns:
             One :class:`Generation` per question, in order.
         """
-        from prumerge.runtime import generate_answers
+        from prumerge.generation import generate_answers
 
         if self.handle is None:
             raise PrumergeError("this predictor is closed")

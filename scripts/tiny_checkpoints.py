@@ -1,0 +1,375 @@
+"""Write a tiny random checkpoint of every supported family, offline.
+
+    python scripts/tiny_checkpoints.py DIR [--family NAME ...]
+
+Each ``DIR/<family>`` holds a model of a few hundred thousand random parameters, saved the way
+a real checkpoint is, with a working processor: an image processor (the PIL one, so no
+torchvision is needed), a word-level tokenizer and the family's chat template. Processors
+with a video part (OneVision, Qwen) are built and saved without it where torchvision cannot
+be imported; ``prumerge.loading`` loads them the same way. Every command
+then runs on it without a download (``prumerge ask --model DIR/qwen2_5_vl ...``); the answers
+are random words. The tests build their checkpoints with this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prumerge.loading.checkpoint import images_only, save_images_only
+
+VOCAB = 100
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_ID = 99
+TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "pad_token_id": PAD,
+    "bos_token_id": BOS,
+    "eos_token_id": EOS,
+}
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+PATCH = 7
+VIEW = 28  # anyres view: 4x4 patches
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+#: Words the tokenizer knows (the synth benchmark's answers among them), after the specials.
+WORDS = [
+    "yes", "no", "red", "green", "blue", "yellow", "purple", "orange",
+    "circle", "square", "triangle", "star", "cross", "0", "1", "2", "3", "4", "5", "6",
+    "USER", "ASSISTANT", "user", "assistant", "model", ":", "?", ".", ",", "is", "there", "a",
+    "an", "the", "in", "image", "what", "color", "shape", "of", "object", "how", "many", "are",
+    "to", "left", "right", "above", "below", "answer", "question", "using", "single", "word",
+    "or", "phrase", "Answer", "[INST]", "[/INST]",
+]  # fmt: skip
+
+
+def build_tokenizer(specials: dict[int, str], extra: dict[str, str] | None = None):
+    """A word-level tokenizer of ``VOCAB`` ids: pad/bos/eos at 0-2, ``specials`` at their
+    ids (each one token), the ``WORDS``, and filler words; ``extra`` names special tokens
+    the processor reads off the tokenizer (``image_token``, ``boi_token``...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: list[str | None] = [None] * VOCAB
+    vocab[PAD], vocab[BOS], vocab[EOS] = "<pad>", "<s>", "</s>"
+    for index, token in specials.items():
+        vocab[index] = token
+    words = iter(WORDS)
+    filler = 0
+    for index in range(VOCAB):
+        if vocab[index] is None:
+            word = next(words, None)
+            if word is None:
+                word, filler = f"w{filler}", filler + 1
+            vocab[index] = word
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="w0",
+        extra_special_tokens=dict(extra or {}),
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials.values())})
+    return tokenizer
+
+
+def chat_template(user: str, image: str, end: str, assistant: str) -> str:
+    """A Jinja chat template: ``user`` + the turn's images and text + ``end`` per message,
+    then ``assistant`` for the generation prompt."""
+    return (
+        "{% for message in messages %}"
+        f"{{{{ '{user}' if message['role'] == 'user' else '' }}}}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{{{{ '{image}' }}}}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        f"{{{{ '{end}' }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '{assistant}' }}}}{{% endif %}}"
+    )
+
+
+QWEN_SPECIALS = {
+    IMAGE_ID: "<|image_pad|>",
+    98: "<|video_pad|>",
+    97: "<|vision_start|>",
+    96: "<|vision_end|>",
+    95: "<|im_start|>",
+    94: "<|im_end|>",
+}
+QWEN_TEMPLATE = chat_template(
+    "<|im_start|>user\\n",
+    "<|vision_start|><|image_pad|><|vision_end|>",
+    "<|im_end|>\\n",
+    "<|im_start|>assistant\\n",
+)
+
+
+def _peaked(model: torch.nn.Module, scale: float = 6.0) -> torch.nn.Module:
+    """Scale the vision tower's queries up: random weights give almost flat attention."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if "language_model" in name:
+                continue
+            if hasattr(module, "q_proj") and isinstance(module.q_proj, torch.nn.Linear):
+                module.q_proj.weight.mul_(scale)
+            if hasattr(module, "qkv") and isinstance(module.qkv, torch.nn.Linear):
+                module.qkv.weight[: module.qkv.weight.shape[0] // 3].mul_(scale)
+    return model
+
+
+def llava() -> tuple[torch.nn.Module, Any]:
+    """LLaVA-1.5: CLIP 42 px (6x6 patches), Llama, ``USER: <image>\\n... ASSISTANT:``."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION, image_size=42, patch_size=PATCH),
+        text_config=LlamaConfig(**TEXT),
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    tokenizer = build_tokenizer({IMAGE_ID: "<image>"}, {"image_token": "<image>"})
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"height": 42, "width": 42}, do_center_crop=False, do_convert_rgb=True
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("USER: ", "<image>\\n", " ", "ASSISTANT:"),
+    )
+    return model, processor
+
+
+def llava_next() -> tuple[torch.nn.Module, Any]:
+    """LLaVA-NeXT: CLIP 28 px views, anyres grids, Llama, ``[INST] <image>\\n... [/INST]``."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**VISION, image_size=VIEW, patch_size=PATCH),
+        text_config=LlamaConfig(**TEXT),
+        image_grid_pinpoints=PINPOINTS,
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": VIEW},
+            crop_size={"height": VIEW, "width": VIEW},
+            image_grid_pinpoints=PINPOINTS,
+        ),
+        tokenizer=build_tokenizer({IMAGE_ID: "<image>"}, {"image_token": "<image>"}),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("[INST] ", "<image>\\n", " [/INST]", ""),
+    )
+    return model, processor
+
+
+def llava_onevision() -> tuple[torch.nn.Module, Any]:
+    """LLaVA-OneVision: SigLIP 28 px views, anyres_max_2, Qwen2, ChatML."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**VISION, image_size=VIEW, patch_size=PATCH),
+        text_config=Qwen2Config(**TEXT),
+        image_grid_pinpoints=PINPOINTS,
+        image_token_index=IMAGE_ID,
+        video_token_index=98,
+        vision_aspect_ratio="anyres_max_2",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    specials = {IMAGE_ID: "<image>", 98: "<video>", 95: "<|im_start|>", 94: "<|im_end|>"}
+    processor = images_only(LlavaOnevisionProcessor)(
+        image_processor=LlavaOnevisionImageProcessorPil(
+            size={"height": VIEW, "width": VIEW}, image_grid_pinpoints=PINPOINTS
+        ),
+        tokenizer=build_tokenizer(specials, {"image_token": "<image>", "video_token": "<video>"}),
+        num_image_tokens=(VIEW // PATCH) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_2",
+        chat_template=chat_template(
+            "<|im_start|>user ", "<image>\\n", "<|im_end|>\\n", "<|im_start|>assistant\\n"
+        ),
+    )
+    return model, processor
+
+
+def _qwen_text() -> dict[str, Any]:
+    return dict(
+        TEXT,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
+    )
+
+
+def _qwen_ids() -> dict[str, int]:
+    return {
+        "image_token_id": IMAGE_ID,
+        "video_token_id": 98,
+        "vision_start_token_id": 97,
+        "vision_end_token_id": 96,
+    }
+
+
+def _qwen_processor(cls: type) -> Any:
+    from transformers import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=16 * 16,
+        max_pixels=32 * 32,
+        size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32},
+    )
+    tokenizer = build_tokenizer(QWEN_SPECIALS)
+    return images_only(cls)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
+    )
+
+
+def qwen2_5_vl() -> tuple[torch.nn.Module, Any]:
+    """Qwen2.5-VL: window-attention ViT (4 px patches, 2x2 merger), M-RoPE, ChatML."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+    )
+
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 16,
+        "out_hidden_size": 32,
+        "fullatt_block_indexes": [1],
+    }
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_text(), **_qwen_ids())
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    return model, _qwen_processor(Qwen2_5_VLProcessor)
+
+
+def qwen3_vl() -> tuple[torch.nn.Module, Any]:
+    """Qwen3-VL: DeepStack features after LLM layers 0 and 1, interleaved M-RoPE, ChatML."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": 32,
+        "num_position_embeddings": 16,
+        "deepstack_visual_indexes": [0, 1],
+    }
+    text = _qwen_text()
+    text["rope_parameters"]["mrope_interleaved"] = True
+    text["head_dim"] = 8
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, **_qwen_ids())
+    model = Qwen3VLForConditionalGeneration(config)
+    return model, _qwen_processor(Qwen3VLProcessor)
+
+
+#: The families this script writes, by the names ``prumerge.adapters.FAMILIES`` uses.
+FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
+    "llava": llava,
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+}
+
+
+def write(directory: Path, family: str, seed: int = 0) -> Path:
+    """Write ``family``'s tiny checkpoint into ``directory / family``; returns that path."""
+    torch.manual_seed(seed)
+    model, processor = FAMILIES[family]()
+    model = _peaked(model.eval())
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    target = directory / family
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(target))
+    if hasattr(processor, "video_processor") and processor.video_processor is None:
+        save_images_only(processor, target)
+    else:
+        processor.save_pretrained(str(target))
+    return target
+
+
+def write_all(directory: Path, families: list[str] | None = None) -> dict[str, Path]:
+    return {family: write(directory, family) for family in families or list(FAMILIES)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--family", action="append", choices=list(FAMILIES))
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    for family, path in write_all(args.directory, args.family).items():
+        print(f"{family}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
