@@ -327,6 +327,104 @@ def qwen3_vl() -> tuple[torch.nn.Module, Any]:
     return model, _qwen_processor(Qwen3VLProcessor)
 
 
+def internvl() -> tuple[torch.nn.Module, Any]:
+    """InternVL3: InternViT tiles of 56 px (8x8 patches, pixel-shuffled to 4x4 tokens) plus a
+    thumbnail, Qwen2, ChatML."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+    )
+
+    config = InternVLConfig(
+        vision_config={**VISION, "image_size": 56, "patch_size": PATCH},
+        text_config=dict(TEXT, model_type="qwen2"),
+        image_token_id=IMAGE_ID,
+        image_seq_length=16,
+    )
+    model = InternVLForConditionalGeneration(config)
+    specials = {
+        IMAGE_ID: "<IMG_CONTEXT>",
+        98: "<video>",
+        97: "<img>",
+        96: "</img>",
+        95: "<|im_start|>",
+        94: "<|im_end|>",
+    }
+    extra = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    processor = images_only(InternVLProcessor)(
+        image_processor=GotOcr2ImageProcessorPil(
+            size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4
+        ),
+        tokenizer=build_tokenizer(specials, extra),
+        video_processor=None,
+        image_seq_length=16,
+        chat_template=chat_template(
+            "<|im_start|>user\\n", "<IMG_CONTEXT>\\n", "<|im_end|>\\n", "<|im_start|>assistant\\n"
+        ),
+    )
+    return model, processor
+
+
+def gemma3() -> tuple[torch.nn.Module, Any]:
+    """Gemma 3: SigLIP 56 px (8x8 patches) average-pooled to 4x4 tokens, a bidirectional
+    image block, ``<start_of_turn>user ... <start_of_turn>model``."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+    )
+
+    config = Gemma3Config(
+        vision_config={**VISION, "image_size": 56, "patch_size": PATCH, "vision_use_head": False},
+        text_config=dict(
+            TEXT,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        mm_tokens_per_image=16,
+        image_token_index=IMAGE_ID,
+        boi_token_index=97,
+        eoi_token_index=96,
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # the projection starts at zero: give the images some weight
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.5)
+    specials = {
+        IMAGE_ID: "<image_soft_token>",
+        97: "<start_of_image>",
+        96: "<end_of_image>",
+        95: "<start_of_turn>",
+        94: "<end_of_turn>",
+    }
+    extra = {
+        "image_token": "<image_soft_token>",
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+    }
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 56, "width": 56}),
+        tokenizer=build_tokenizer(specials, extra),
+        image_seq_length=16,
+        chat_template=chat_template(
+            "<start_of_turn>user\\n",
+            "<start_of_image>",
+            "<end_of_turn>\\n",
+            "<start_of_turn>model\\n",
+        ),
+    )
+    return model, processor
+
+
 #: The families this script writes, by the names ``prumerge.adapters.FAMILIES`` uses.
 FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
     "llava": llava,
@@ -334,6 +432,8 @@ FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
     "llava_onevision": llava_onevision,
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
+    "internvl": internvl,
+    "gemma3": gemma3,
 }
 
 

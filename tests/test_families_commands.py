@@ -14,7 +14,15 @@ from PIL import Image
 
 from prumerge.cli import main
 
-FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = [
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "gemma3",
+]
 QUESTION = "what color is the shape?"
 
 
@@ -89,6 +97,12 @@ def test_each_family_answers_in_its_own_prompt_format(tiny_families):
     assert prompts["llava_onevision"].startswith("<|im_start|>user <image>\nhi<|im_end|>")
     qwen = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n"
     assert prompts["qwen2_5_vl"] == prompts["qwen3_vl"] == qwen + "<|im_start|>assistant\n"
+    assert prompts["internvl"] == (
+        "<|im_start|>user\n<IMG_CONTEXT>\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prompts["gemma3"] == (
+        "<start_of_turn>user\n<start_of_image>hi<end_of_turn>\n<start_of_turn>model\n"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -175,9 +175,31 @@ class _VisionClock:
 def prepare_inputs(model: Any, processor: Any, images: list[Any], prompts: list[str]) -> dict:
     """Processor outputs for a batch of (image, prompt) pairs, left-padded, on the model's device."""
     processor.tokenizer.padding_side = "left"
-    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    inputs = processor(
+        images=_per_prompt(processor, images, prompts),
+        text=prompts,
+        padding=True,
+        return_tensors="pt",
+    )
     device = model_device(model)
     return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _per_prompt(processor: Any, images: list[Any] | None, prompts: list[str]) -> Any:
+    """The images as one list per prompt (the batched form every processor takes, and the
+    only one Gemma 3's does), split by the image tokens in each prompt; as given when the
+    counts do not add up (or there are no images)."""
+    token = getattr(processor, "image_token", None)
+    if not images or not isinstance(token, str) or not token:
+        return images
+    counts = [prompt.count(token) for prompt in prompts]
+    if sum(counts) != len(images):
+        return images
+    nested, start = [], 0
+    for count in counts:
+        nested.append(list(images[start : start + count]))
+        start += count
+    return nested
 
 
 def timed_generate(

@@ -101,6 +101,10 @@ def load_processor(source: str) -> Any:
         return AutoProcessor.from_pretrained(source)
     except ImportError:
         return images_only_processor(source)
+    except ValueError as exc:  # some video processors say so with a ValueError (InternVL)
+        if "torchvision" not in str(exc):
+            raise
+        return images_only_processor(source)
 
 
 def images_only(cls: type) -> type:
