@@ -23,7 +23,7 @@ MISSING_MODEL = "/no/such/model"
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """A spy on every way a command loads a model: each call is recorded and refused."""
-    import prumerge.runtime
+    import prumerge.loading
 
     calls: list[tuple] = []
 
@@ -31,7 +31,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         calls.append((args, kwargs))
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(prumerge.runtime, "load_model", spy)
+    monkeypatch.setattr(prumerge.loading, "load_model", spy)
     return calls
 
 
@@ -173,7 +173,7 @@ def test_train_refuses_a_picture_as_projector_weights_before_building(
 def test_eval_refuses_another_configurations_directory_before_loading(
     tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, one_thread
 ) -> None:
-    import prumerge.runtime
+    import prumerge.loading
 
     out = tmp_path / "out"
     argv = ["eval", "--benchmark", "synth", "--model", str(tiny_checkpoint), "--methods", "pool"]
@@ -189,7 +189,7 @@ def test_eval_refuses_another_configurations_directory_before_loading(
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prumerge.runtime, "load_model", spy)
+    monkeypatch.setattr(prumerge.loading, "load_model", spy)
     err = check_refused(
         [*argv, "--limit", "3"], "holds results of a different configuration", capsys, calls
     )
