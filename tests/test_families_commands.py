@@ -225,3 +225,20 @@ def test_shared_prefix_answers_as_generate_on_anyres(family, tiny_families, imag
         single = predictor.generate(questions, [[picture]] * 2, max_new_tokens=5)
     assert [p.text for p in shared] == [g.text for g in single]
     assert [p.tokens_out for p in shared] == [g.tokens_out for g in single]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_demo_compares_on_every_family(family, tiny_families, image, one_thread):
+    """The demo's model (``DemoModel.load``, what ``prumerge demo --model`` runs) answers with
+    ``none`` and a method, each with its tokens in and out."""
+    from prumerge.demo.compare import DemoModel, choose_configs, compare
+
+    demo = DemoModel.load(str(tiny_families[family]))
+    picture = Image.open(image).convert("RGB")
+    result = compare(
+        demo, picture, QUESTION, choose_configs(["prumerge"]), max_new_tokens=2, pictures=False
+    )
+    assert [r.label for r in result.results] == ["none", "prumerge"]
+    none, pruned = result.results
+    assert none.tokens_in == none.tokens_out == pruned.tokens_in
+    assert 1 <= pruned.tokens_out < pruned.tokens_in

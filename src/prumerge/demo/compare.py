@@ -105,7 +105,7 @@ class DemoModel:
         device_map: str | None = None,
     ) -> DemoModel:
         """The default model (``model=None``, ``"default"`` or ``"default:base"``) or a
-        Hugging Face LLaVA id or directory; the rest as ``prumerge.loading.load_model``."""
+        Hugging Face id or directory of any supported family; the rest as ``prumerge.loading.load_model``."""
         from prumerge.loading import load_model
 
         loaded, processor, prompt = load_model(
