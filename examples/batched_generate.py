@@ -7,7 +7,7 @@ import torch
 
 import prumerge
 from prumerge.images import load_image
-from prumerge.runtime import load_model
+from prumerge.loading import load_model
 
 model, processor, prompt = load_model(None, cache_dir=None)
 processor.tokenizer.padding_side = "left"

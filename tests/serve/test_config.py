@@ -51,7 +51,7 @@ def test_parse_accepts_json_text():
 
 
 def test_text_values_are_typed_as_on_the_command_line():
-    # One parser (prumerge.runtime) for the CLI, the API, lmms-eval and serving: "64" is a
+    # One parser (prumerge.methods.spec) for the CLI, the API, lmms-eval and serving: "64" is a
     # count, "1.0" a ratio of all the patches, and a string option keeps its string.
     count = parse_serve_config({"method": "prumerge+", "keep": "64", "merge": "none"})
     assert count.options == {"keep": 64, "merge": "none"}
