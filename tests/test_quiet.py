@@ -63,3 +63,22 @@ def test_the_gguf_bar_hides_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> N
             assert list(gguf_utils.tqdm([1, 2], desc="Converting")) == [1, 2]
     assert [kwargs.get("disable") for kwargs in bars] == [True, None]
     assert gguf_utils.tqdm is recording_tqdm  # restored
+
+
+def test_the_first_build_keeps_its_gguf_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from prumerge.quiet import first_build, hide_gguf_bar, quiet_libraries
+
+    bars: list[dict] = []
+
+    def recording_tqdm(iterable, **kwargs):
+        bars.append(kwargs)
+        return iterable
+
+    monkeypatch.setattr(gguf_utils, "tqdm", recording_tqdm)
+    with quiet_libraries(verbose=False):
+        with first_build(), hide_gguf_bar():
+            list(gguf_utils.tqdm([1], desc="Converting"))
+        with hide_gguf_bar():  # a later build (training, a rebuild of parts) stays quiet
+            list(gguf_utils.tqdm([1], desc="Converting"))
+    assert [kwargs.get("disable") for kwargs in bars] == [None, True]

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["hide_gguf_bar", "is_verbose", "quiet_libraries"]
+__all__ = ["first_build", "hide_gguf_bar", "is_verbose", "quiet_libraries"]
 
 _verbose: ContextVar[bool] = ContextVar("prumerge_verbose", default=True)
+_first_build: ContextVar[bool] = ContextVar("prumerge_first_build", default=False)
 
 
 def is_verbose() -> bool:
@@ -53,13 +54,24 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def first_build() -> Iterator[None]:
+    """Mark the default model's first build into its cache: long work that keeps its bar."""
+    token = _first_build.set(True)
+    try:
+        yield
+    finally:
+        _first_build.reset(token)
+
+
+@contextlib.contextmanager
 def hide_gguf_bar() -> Iterator[None]:
-    """Hide transformers' "Converting and de-quantizing GGUF tensors" bar unless verbose.
+    """Hide transformers' "Converting and de-quantizing GGUF tensors" bar unless verbose or
+    inside the default model's first build (a minute of work, once, that should show itself).
 
     That loader draws its bar with tqdm directly, past transformers' own switch, so the
     bar function of that one module is replaced for the duration.
     """
-    if is_verbose():
+    if is_verbose() or _first_build.get():
         yield
         return
     try:

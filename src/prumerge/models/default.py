@@ -467,12 +467,15 @@ def load_default_model(
     entry = root / cache_entry_name(resolution, projector_hash, lora_hash)
 
     def build(tmp: Path) -> dict:
+        from prumerge.quiet import first_build
+
         logger.info("building the default model into %s (about a minute, once)", entry)
-        model, processor = build_default_model(
-            resolution,
-            projector=projector_path if projector_path.is_file() else None,
-            lora=lora_dir,
-        )
+        with first_build():  # the one build that keeps its conversion bar when quiet
+            model, processor = build_default_model(
+                resolution,
+                projector=projector_path if projector_path.is_file() else None,
+                lora=lora_dir,
+            )
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
         return {
