@@ -248,7 +248,7 @@ def test_parse_configs_errors(methods, keeps, options, message):
         (["--bandwidth", "1e11"], "need --hardware custom"),
         (["--device", "abacus"], "--device: unknown device 'abacus'"),
         (["--dtype", "int3"], "--dtype: unknown dtype 'int3'"),
-        (["--question", " "], "the question is empty"),
+        (["--question", " "], "--question is empty"),
         (
             ["--plot", "/no/such/folder/x.png"],
             "--plot /no/such/folder/x.png: folder /no/such/folder does not exist",

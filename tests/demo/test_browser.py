@@ -232,7 +232,15 @@ def test_compare_in_the_browser(page, server):
         assert f"{label}: {n_in} -> {n_out} tokens" in captions
     assert pictures.count() == 4
     for i in range(4):  # every kept-token picture was served and decoded
-        assert pictures.nth(i).evaluate("img => img.complete && img.naturalWidth") == 448
+        # Under load the <img> may still be fetching when its caption shows: wait for it to
+        # finish loading (or fail) before reading its decoded width.
+        loaded = pictures.nth(i).evaluate(
+            """img => img.complete ? img.naturalWidth : new Promise(done => {
+                img.addEventListener("load", () => done(img.naturalWidth), {once: true});
+                img.addEventListener("error", () => done(0), {once: true});
+            })"""
+        )
+        assert loaded == 448
 
     if os.environ.get("PRUMERGE_DEMO_SCREENSHOT"):
         page.screenshot(path=os.environ["PRUMERGE_DEMO_SCREENSHOT"], full_page=True)
