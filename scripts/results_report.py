@@ -1,7 +1,10 @@
 """Tables and plots for docs/results.md from `prumerge eval` runs of several models.
 
 Each MODEL=DIR argument names a model and the `--out` directory of one `prumerge eval` run
-(its summary.json). For every benchmark given, it prints a Markdown table per model (score,
+(its summary.json). MODEL=DIR+DIR2+... joins several runs of one model: a configuration of a
+later run replaces the one of the same name in an earlier run, and every "vs none" is computed
+again against the joined `none`. A DIR may also be a summary.json file (for example one copied
+under docs/results/), whose predictions are then not read. For every benchmark given, it prints a Markdown table per model (score,
 retention against that model's `none`, per-subtask scores, mean visual tokens), for easy-vqa
 also its yes/no answers per (plain/negated, true answer) cell. Where a run holds fixed budgets, it
 first prints one table of every method by budget, the models side by side (score and
@@ -24,10 +27,32 @@ from pathlib import Path
 
 
 def load(directory: Path) -> dict:
-    path = directory / "summary.json"
+    path = directory if directory.suffix == ".json" else directory / "summary.json"
     if not path.is_file():
         sys.exit(f"results_report: {path} does not exist; run `prumerge eval --out {directory}`")
     return json.loads(path.read_text())
+
+
+def join(directories: list[Path]) -> tuple[dict, dict[str, Path]]:
+    """One summary from several runs of one model, and the directory each configuration's
+    predictions are in. Later runs replace earlier configurations of the same name."""
+    summary: dict = {}
+    where: dict[str, Path] = {}
+    for directory in directories:
+        part = load(directory)
+        if summary and part["benchmark"] != summary["benchmark"]:
+            sys.exit(
+                f"results_report: {directory} is {part['benchmark']}, not {summary['benchmark']}"
+            )
+        configs = {**summary.get("configs", {}), **part["configs"]}
+        summary = {**part, "configs": configs}
+        where.update({name: directory for name in part["configs"]})
+    full = [c["score"] for c in summary["configs"].values() if c["method"] == "none"]
+    if full and full[0]:
+        for config in summary["configs"].values():
+            if config.get("score") is not None:
+                config["relative"] = 100 * config["score"] / full[0]
+    return summary, where
 
 
 def budget_label(config: dict) -> str:
@@ -100,7 +125,7 @@ def budget_grid(summaries: dict[str, dict]) -> str:
     return "\n".join(lines) + f"\n\n`none` (all tokens): {nones}.\n"
 
 
-def yes_no_cells(name: str, directory: Path, summary: dict) -> str:
+def yes_no_cells(name: str, where: dict[str, Path], summary: dict) -> str:
     """easy-vqa's yes/no questions per (plain/negated, true answer) cell, per configuration:
     correct / total. A model that answers from the question's wording alone scores well on the
     two majority cells (plain "no", negated "yes") and badly on the others."""
@@ -111,8 +136,8 @@ def yes_no_cells(name: str, directory: Path, summary: dict) -> str:
     head = ["config", "tokens out", *(f"{f} / {a}" for f, a in cells)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config_name, config in summary["configs"].items():
-        path = directory / config_name / "predictions.jsonl"
-        if not path.is_file():
+        path = where[config_name] / config_name / "predictions.jsonl"
+        if where[config_name].suffix == ".json" or not path.is_file():
             continue
         counts = {c: [0, 0] for c in cells}
         for line in path.read_text().splitlines():
@@ -142,7 +167,11 @@ def plot(summaries: dict[str, dict], benchmark: str, path: Path) -> None:
     methods = sorted(
         {c["method"] for s in summaries.values() for c in s["configs"].values()} - {"none"}
     )
-    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors
+    colours = {m: palette[(2 * i) % 20 + (2 * i) // 20 % 2] for i, m in enumerate(methods)}
+    styles = {m: "-" if i < 10 else "--" for i, m in enumerate(methods)}
     ticks = [16, 32, 64, 128, 256]
     for axes, (model, summary) in zip(panels, summaries.items(), strict=True):
         configs = [c for c in summary["configs"].values() if c.get("score") is not None]
@@ -155,7 +184,8 @@ def plot(summaries: dict[str, dict], benchmark: str, path: Path) -> None:
             if not points:
                 continue
             xs, ys, adaptive = zip(*points, strict=True)
-            axes.plot(xs, ys, "-o", markersize=4, color=colours[method], linewidth=1.4)
+            axes.plot(xs, ys, styles[method], marker="o", markersize=4, color=colours[method],
+                      linewidth=1.4)  # fmt: skip
             for x, y, a in points:
                 if a:  # the adaptive (per-image) count: a larger open marker
                     axes.plot(x, y, "o", markersize=10, markerfacecolor="none",
@@ -172,7 +202,9 @@ def plot(summaries: dict[str, dict], benchmark: str, path: Path) -> None:
         axes.set_xlabel("mean visual tokens per image (log scale)")
         axes.grid(True, alpha=0.3)
     panels[0].set_ylabel("exact match (%)")
-    handles = [Line2D([], [], color=colours[m], linewidth=2, label=m) for m in methods]
+    handles = [
+        Line2D([], [], color=colours[m], linestyle=styles[m], linewidth=2, label=m) for m in methods
+    ]
     handles += [
         Line2D([], [], color="0.3", linestyle="--", label="none (all tokens)"),
         Line2D([], [], marker="o", markersize=9, markerfacecolor="none", color="0.3",
@@ -196,8 +228,7 @@ def main() -> None:
         name, sep, directory = item.partition("=")
         if not sep:
             sys.exit(f"results_report: {item!r} is not MODEL=DIR")
-        summaries[name] = load(Path(directory))
-        directories[name] = Path(directory)
+        summaries[name], directories[name] = join([Path(d) for d in directory.split("+")])
     if any(
         isinstance(c.get("budget"), (int, float))
         for summary in summaries.values()
