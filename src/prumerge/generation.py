@@ -81,6 +81,8 @@ class Answer:
     tokens_out: list[int]
     timing: Timing
     timings: list[Timing] = field(default_factory=list)
+    #: per image, its tokens averaged over the LLM's layers (``TokenStats.equivalent_tokens``)
+    equivalent_tokens: list[float] = field(default_factory=list)
 
 
 class _FirstTokenClock:
@@ -311,6 +313,7 @@ def generate_answers(
         tokens_out=list(handle.stats.tokens_out),
         timing=median,
         timings=measured,
+        equivalent_tokens=list(handle.stats.equivalent_tokens),
     )
 
 

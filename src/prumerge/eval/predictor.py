@@ -80,12 +80,16 @@ class Generation:
     Attributes:
         text: The decoded answer, stripped.
         tokens_in: Visual tokens the prompt's images produced (summed over its images).
-        tokens_out: Visual tokens the language model received for them.
+        tokens_out: Visual tokens the language model received for them (LLM-side methods:
+            from their last pruning stage on).
+        equivalent_tokens: The same, averaged over the LLM's layers (the "equivalent
+            tokens" LLM-side papers report; ``tokens_out`` for vision-side methods).
     """
 
     text: str
     tokens_in: int
     tokens_out: int
+    equivalent_tokens: float | None = None
 
 
 class ModelPredictor:
@@ -171,7 +175,10 @@ class ModelPredictor:
         questions = [self.prompt_fn(sample.prompt) for sample in samples]
         images = [[sample.load_image()] for sample in samples]
         answers = self.generate(questions, images, formatted=True)
-        return [Prediction(a.text, a.tokens_in, a.tokens_out) for a in answers]
+        return [
+            Prediction(a.text, a.tokens_in, a.tokens_out, equivalent_tokens=a.equivalent_tokens)
+            for a in answers
+        ]
 
     def _predict_shared(self, samples: Sequence[Sample]) -> list[Prediction]:
         from prumerge.shared_prefix import answer_shared_prefix
@@ -194,11 +201,15 @@ class ModelPredictor:
             self.prompt_fn,
             max_new_tokens=self.max_new_tokens,
         )
-        tokens_in, tokens_out = self.handle.stats.tokens_in, self.handle.stats.tokens_out
+        stats = self.handle.stats
+        tokens_in, tokens_out = stats.tokens_in, stats.tokens_out
+        equivalent = stats.equivalent_tokens
         out: list[Prediction | None] = [None] * len(samples)
         for g, members in enumerate(order):
             for i, text in zip(members, answers[g], strict=True):
-                out[i] = Prediction(text, int(tokens_in[g]), int(tokens_out[g]))
+                out[i] = Prediction(
+                    text, int(tokens_in[g]), int(tokens_out[g]), equivalent_tokens=equivalent[g]
+                )
         return [p for p in out if p is not None]
 
     def generate(
@@ -254,6 +265,7 @@ class ModelPredictor:
         # (prompt by prompt); a text-only call leaves the previous call's stats behind.
         per_image_in = answer.tokens_in if flat else []
         per_image_out = answer.tokens_out if flat else []
+        per_image_equivalent = answer.equivalent_tokens if flat else []
         if len(per_image_in) != len(flat) or len(per_image_out) != len(flat):
             raise PrumergeError(
                 f"the model reported token counts for {len(per_image_in)} images, "
@@ -267,6 +279,9 @@ class ModelPredictor:
                     text=_cut(text, stop),
                     tokens_in=int(sum(per_image_in[start : start + n])),
                     tokens_out=int(sum(per_image_out[start : start + n])),
+                    equivalent_tokens=float(sum(per_image_equivalent[start : start + n]))
+                    if len(per_image_equivalent) == len(flat)
+                    else None,
                 )
             )
             start += n

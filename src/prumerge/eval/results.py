@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -130,6 +131,15 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_mean_count(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
 def is_prediction_record(record: Any) -> bool:
     """Whether a parsed line has every field scoring reads, each of the right type.
 
@@ -146,6 +156,7 @@ def is_prediction_record(record: Any) -> bool:
         and all(isinstance(answer, str) for answer in answers)
         and _is_count(record.get("tokens_in"))
         and _is_count(record.get("tokens_out"))
+        and _is_mean_count(record.get("equivalent_tokens", 0.0))
         and isinstance(time_s, (int, float))
         and not isinstance(time_s, bool)
         and isinstance(record.get("meta", {}), dict)

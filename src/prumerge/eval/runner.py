@@ -83,14 +83,18 @@ class Prediction:
     Attributes:
         text: The generated answer.
         tokens_in: Visual tokens before reduction (e.g. 576 for LLaVA-1.5).
-        tokens_out: Visual tokens the language model actually received.
+        tokens_out: Visual tokens the language model actually received (LLM-side methods:
+            from their last pruning stage on).
         extra: JSON-serialisable extras to keep in the record (e.g. timings).
+        equivalent_tokens: ``tokens_out`` averaged over the LLM's layers (the "equivalent
+            tokens" of LLM-side methods), or None where the predictor does not know it.
     """
 
     text: str
     tokens_in: int
     tokens_out: int
     extra: Mapping[str, Any] = field(default_factory=dict)
+    equivalent_tokens: float | None = None
 
 
 @runtime_checkable
@@ -292,6 +296,11 @@ def _record(sample: Sample, prediction: Prediction, seconds: float) -> dict[str,
         "answers": list(sample.answers),
         "tokens_in": prediction.tokens_in,
         "tokens_out": prediction.tokens_out,
+        **(
+            {"equivalent_tokens": round(float(prediction.equivalent_tokens), 4)}
+            if prediction.equivalent_tokens is not None
+            else {}
+        ),
         "time_s": round(seconds, 6),
         "meta": dict(sample.meta),
         **({"extra": dict(prediction.extra)} if prediction.extra else {}),
@@ -313,7 +322,11 @@ def _as_prediction(value: Any, sample: Sample) -> Prediction:
     if not isinstance(prediction.text, str):
         raise PrumergeError(f"predictor returned non-text {prediction.text!r} for {sample.id!r}")
     return Prediction(
-        prediction.text, int(prediction.tokens_in), int(prediction.tokens_out), prediction.extra
+        prediction.text,
+        int(prediction.tokens_in),
+        int(prediction.tokens_out),
+        prediction.extra,
+        prediction.equivalent_tokens,
     )
 
 

@@ -16,6 +16,7 @@ from prumerge.errors import PrumergeError
 from prumerge.eval.datasets import Benchmark
 from prumerge.eval.metrics import METRIC_DESCRIPTIONS, score_records
 from prumerge.eval.results import CONFIG, format_budget, read_predictions
+from prumerge.methods.base import METHODS
 from prumerge.methods.spec import MethodSpec
 
 __all__ = ["ConfigResult", "Summary", "plot_summary", "summarize"]
@@ -38,10 +39,15 @@ class ConfigResult:
         relative: ``score`` as a percentage of the ``none`` configuration's, or None.
         scores: All metric outputs (per subtask, per split, ...).
         tokens_in: Mean visual tokens before reduction.
-        tokens_out: Mean visual tokens the language model received.
+        tokens_out: Mean visual tokens the language model received (LLM-side methods: from
+            their last pruning stage on).
         n: Records scored.
         n_expected: Samples in the benchmark.
         predict_seconds: Total time spent in ``predict`` over all runs and ranks.
+        equivalent_tokens: Mean visual tokens averaged over the LLM's layers (the
+            "equivalent tokens" LLM-side papers report; ``tokens_out`` for vision-side
+            methods), or None where records of an LLM-side method lack them (results written
+            before the records had the field).
     """
 
     name: str
@@ -58,6 +64,7 @@ class ConfigResult:
     n: int
     n_expected: int
     predict_seconds: float
+    equivalent_tokens: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -84,7 +91,8 @@ class Summary:
     def table(self) -> str:
         """A plain-text table, one row per configuration, in the summary's order."""
         details = _detail_keys(self.results)
-        header = ["config", "method", "budget", "score", "vs none", "tok in", "tok out", "n"]
+        header = ["config", "method", "budget", "score", "vs none", "tok in", "tok out"]
+        header += ["tok eq", "n"]
         header += details + ["time s", "s/sample"]
         rows = [header]
         for r in self.results:
@@ -98,6 +106,7 @@ class Summary:
                     "-" if r.relative is None else f"{r.relative:.1f}%",
                     f"{r.tokens_in:.1f}",
                     f"{r.tokens_out:.1f}",
+                    "-" if r.equivalent_tokens is None else f"{r.equivalent_tokens:.1f}",
                     f"{r.n}" if r.complete else f"{r.n}/{r.n_expected}",
                 ]
                 + [_fmt(r.scores.get(key)) for key in details]
@@ -174,7 +183,24 @@ def _result_for(directory: Path, sample_ids: set[str] | None = None) -> ConfigRe
         n=n,
         n_expected=identity["n_samples"],
         predict_seconds=sum(float(r.get("time_s", 0.0)) for r in records),
+        equivalent_tokens=_mean_equivalent(identity["method"], records),
     )
+
+
+def _mean_equivalent(method: str, records: Sequence[dict[str, Any]]) -> float | None:
+    """The mean of the records' ``equivalent_tokens``. A record written before the field
+    existed stands for its ``tokens_out`` where the method acts on the vision side (the two
+    are equal there); for an LLM-side method (or one no longer registered) the mean is
+    unknown: None."""
+    if not records:
+        return float("nan")
+    missing = [r for r in records if "equivalent_tokens" not in r]
+    if missing:
+        cls = METHODS.get(method)
+        if cls is None or cls.side != "vision":
+            return None
+    total = sum(float(r.get("equivalent_tokens", r["tokens_out"])) for r in records)
+    return total / len(records)
 
 
 def summarize(
