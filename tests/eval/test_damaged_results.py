@@ -118,11 +118,11 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
 )
 def test_a_training_runs_damaged_config_is_named(text: str, needle: str, tmp_path: Path) -> None:
     from prumerge.train.config import TrainConfig
-    from prumerge.train.loop import _prepare_output
+    from prumerge.train.rundir import prepare_output
 
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     (tmp_path / "config.json").write_text(text)
-    message = _prepare_output(TrainConfig(output_dir=str(tmp_path)), tmp_path)
+    message = prepare_output(TrainConfig(output_dir=str(tmp_path)), tmp_path)
     assert message is not None and message.startswith(f"{tmp_path / 'config.json'} {needle}")
     assert "different configuration" not in message and "\n" not in message
     assert (tmp_path / "config.json").read_text() == text  # not overwritten

@@ -133,8 +133,8 @@ def test_gradients_flow_through_the_merged_features(default_model):
 
     import prumerge
     from prumerge.models.default import format_prompt
-    from prumerge.train.loop import step_loss
     from prumerge.train.packing import encode_isolated_turns
+    from prumerge.train.step import step_loss
 
     model, processor = default_model
     image = Image.open("examples/easy-vqa-test-0.png").convert("RGB")

@@ -26,8 +26,8 @@ def test_isolated_packing_equals_separate_questions(default_model, method, optio
     from PIL import Image
 
     from prumerge.models.default import format_prompt
-    from prumerge.train.loop import step_loss
     from prumerge.train.packing import encode_isolated_turns
+    from prumerge.train.step import step_loss
 
     model, processor = default_model
     n = model.config.image_seq_length

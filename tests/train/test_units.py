@@ -336,7 +336,7 @@ def test_llava_json_unreadable_file(tmp_path):
 def test_allocator_settings_are_accepted_on_glibc():
     import platform
 
-    from prumerge.train.loop import tune_allocator
+    from prumerge.train.process import tune_allocator
 
     applied = tune_allocator()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":

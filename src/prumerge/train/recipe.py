@@ -212,7 +212,8 @@ def run_recipe(
     name: str, output_dir: str, *, install: bool = False, command: str = ""
 ) -> dict[str, Any]:
     """Run every stage of a recipe in order (resuming any that did not finish)."""
-    from prumerge.train.loop import atomic_write_json, train
+    from prumerge.train.loop import train
+    from prumerge.train.rundir import atomic_write_json
 
     if name not in RECIPES:
         raise PrumergeError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
