@@ -2,7 +2,8 @@
 
 - :mod:`prumerge.eval.metrics`: VQA accuracy, POPE, MME, ScienceQA and exact match, computed
   the way the community's scripts compute them.
-- :mod:`prumerge.eval.datasets`: the benchmark registry and loaders for LLaVA's data formats.
+- :mod:`prumerge.eval.datasets`: benchmarks by name (lookup and loading); the loaders for
+  LLaVA's data formats live in :mod:`prumerge.eval.benchmarks`, one a file.
 - The generated benchmark and easy-vqa live in :mod:`prumerge.data`, which training reads too.
 - :mod:`prumerge.eval.runner`: runs any :class:`~prumerge.eval.runner.Predictor` over a
   benchmark, resumably and data-parallel, and summarises the results.
