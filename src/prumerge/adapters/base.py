@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prumerge.adapters.sequence import Packed
+from prumerge.adapters.text_tower import ClipTextTower
 from prumerge.errors import PrumergeError
 from prumerge.methods import Method, VisionInputs
 from prumerge.ops import Reduction
@@ -114,6 +115,10 @@ class FamilyAdapter:
     #: Per image of the call being encoded, the (M_i, H) LLM input embeddings of its
     #: instruction, set by the Handle for methods with ``needs_instruction``; else None.
     instructions: list[torch.Tensor] | None = None
+    #: The CLIP text tower of a method that names one (``text_tower``), set by the Handle;
+    #: with it, per image of the call, its instruction as text (else None).
+    text_tower: ClipTextTower | None = None
+    instruction_texts: list[str] | None = None
 
     def __init__(self, model: nn.Module, method: Method, *, budget_per: str = "image") -> None:
         if getattr(method, "object_layer", None) is not None and not self.object_layer_attention:
@@ -160,6 +165,20 @@ class FamilyAdapter:
             padded[index, : row.shape[0]] = row
             mask[index, : row.shape[0]] = True
         inputs.instruction, inputs.instruction_mask = padded, mask
+        if self.text_tower is not None and self.instruction_texts is not None:
+            if inputs.tower_features is None:
+                raise PrumergeError(
+                    f"{self.method.name}: a text tower places the tower's patch features in "
+                    f"its joint space, and the {self.title} adapter has no per-patch tower "
+                    f"features; supported here: relevance='llm'"
+                )
+            texts = [self.instruction_texts[i] for i in images]
+            text_embeds, text_mask = self.text_tower.embed_text(texts)
+            inputs.text_embeds, inputs.text_embeds_mask = (
+                text_embeds.to(device),
+                text_mask.to(device),
+            )
+            inputs.image_embeds = self.text_tower.embed_patches(inputs.tower_features).to(device)
 
     def encode(self, images: dict[str, Any]) -> Encoded:
         """Run the vision tower, reduce every image and project it."""

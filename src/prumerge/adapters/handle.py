@@ -23,8 +23,14 @@ import torch
 from torch import nn
 
 from prumerge.adapters.base import Encoded, TokenStats, family_for
+from prumerge.adapters.instructions import (
+    instruction_embeddings,
+    instruction_ids,
+    instruction_texts,
+)
 from prumerge.adapters.llm import LanguagePatch, patch_language_model
 from prumerge.adapters.sequence import Packed, assign_placeholders, shrink_placeholders
+from prumerge.adapters.text_tower import text_tower_for
 from prumerge.adapters.towers import execution_device
 from prumerge.errors import PrumergeError
 from prumerge.methods import LanguageMethod, Method
@@ -59,6 +65,7 @@ class Handle:
         *,
         positions: str | None = None,
         budget_per: str = "image",
+        processor: Any = None,
     ) -> None:
         family = family_for(model)
         if getattr(model, "_prumerge_handle", None) is not None:
@@ -81,6 +88,12 @@ class Handle:
         self.model = model
         self.method = method
         self.adapter = family(model, method, budget_per=budget_per)
+        # A method that names a text tower (cdpruner's relevance="clip") reads each
+        # instruction as text, decoded with the model's own tokenizer.
+        self._tokenizer = getattr(processor, "tokenizer", processor)
+        self.adapter.text_tower = text_tower_for(
+            method, self._tokenizer, execution_device(model.get_input_embeddings())
+        )
         self.stats = TokenStats()
         self.last_reduction: Reduction | None = None
         self.last_reductions: list[Reduction] = []
@@ -224,13 +237,16 @@ class Handle:
             left_pad=False,
         )
         if self.adapter.method.needs_instruction:
-            self.adapter.instructions = _instructions(
-                input_ids, None if mask_4d else attention_mask, image_token_id, counts, embed
+            ids = instruction_ids(
+                input_ids, None if mask_4d else attention_mask, image_token_id, counts
             )
+            self.adapter.instructions = instruction_embeddings(ids, embed)
+            if self.adapter.text_tower is not None:
+                self.adapter.instruction_texts = instruction_texts(ids, self._tokenizer)
         try:
             encoded = self._encode(images)
         finally:
-            self.adapter.instructions = None
+            self.adapter.instructions = self.adapter.instruction_texts = None
         lengths = torch.tensor([f.shape[0] for f in encoded.features], device=device)
         packed = shrink_placeholders(
             input_ids,
@@ -384,41 +400,6 @@ class Handle:
         return _restore_prompt(output, input_ids, prepared["input_ids"].shape[1])  # type: ignore[union-attr]
 
 
-def _instructions(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    image_token_id: int,
-    counts: torch.Tensor,
-    embed: nn.Module,
-) -> list[torch.Tensor]:
-    """Per image, the (M, H) input embeddings of its instruction: the real tokens of its
-    row after the row's last image placeholder (the question and the chat template's
-    suffix), for methods that weigh patches by their relevance to it (CDPruner).
-
-    Args:
-        input_ids: (B, L) the caller's ids, placeholders unreduced.
-        attention_mask: (B, L) or None; padding is no instruction.
-        image_token_id: the placeholder id.
-        counts: (I,) placeholders of every image, in order across rows.
-        embed: the LLM's input embeddings.
-    """
-    image_of, _ = assign_placeholders(input_ids, image_token_id, counts)
-    is_image = input_ids == image_token_id
-    real = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    per_image: list[torch.Tensor] = [torch.empty(0)] * int(counts.shape[0])
-    with torch.no_grad():
-        for row in range(input_ids.shape[0]):
-            if not bool(is_image[row].any()):
-                continue
-            last = int(positions[is_image[row]].max())
-            text = input_ids[row][(positions > last) & real[row]]
-            vectors = embed(text[None])[0]  # (M, H)
-            for image in image_of[row][is_image[row]].unique().tolist():
-                per_image[image] = vectors
-    return per_image
-
-
 def _restore_prompt(output: Any, input_ids: torch.Tensor, prompt_length: int) -> Any:
     """Give back the caller's own prompt followed by the new tokens, so that
     ``out[:, inputs.input_ids.shape[1]:]`` is the answer exactly as without reduction.
@@ -455,6 +436,7 @@ def apply(
     *,
     positions: str | None = None,
     budget_per: str = "image",
+    processor: Any = None,
     **options: Any,
 ) -> Handle:
     """Reduce the visual tokens of this one model instance.
@@ -472,6 +454,9 @@ def apply(
             ``"image"``: a fixed budget covers each image's views together (split over them
             in proportion to their patches); ``"view"``: every view (tile) gets the budget.
             See docs/families.md.
+        processor: the model's processor (or its tokenizer), for methods that read the
+            instruction as text: ``cdpruner`` with ``relevance="clip"`` hands it to a CLIP
+            text tower. Other methods do not need it.
         **options: the method's options, e.g. ``keep=0.25``, ``knn=32``, ``importance="mean"``.
 
     Returns:
@@ -493,7 +478,7 @@ def apply(
             raise PrumergeError(str(exc)) from None
     elif options:
         raise PrumergeError("pass options either to the method instance or to apply, not both")
-    return Handle(model, method, positions=positions, budget_per=budget_per)
+    return Handle(model, method, positions=positions, budget_per=budget_per, processor=processor)
 
 
 __all__ = ["Handle", "apply"]

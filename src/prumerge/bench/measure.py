@@ -188,7 +188,7 @@ def measure(
             peaks: list[dict[str, int]] = []
             seen = Observed()
             for batch in batches:
-                with prumerge.apply(model, methods[config.label]) as handle:
+                with prumerge.apply(model, methods[config.label], processor=processor) as handle:
                     meter.start()
                     timing, texts = timed_generate(
                         model,

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     runs = [("none", MethodSpec("none").build())] if args.compare and spec.method != "none" else []
     runs.append((spec.method, method))
     for name, instance in runs:
-        with prumerge.apply(model, instance) as handle:
+        with prumerge.apply(model, instance, processor=processor) as handle:
             answer = generate_answers(
                 model,
                 processor,

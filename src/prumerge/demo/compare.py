@@ -218,7 +218,7 @@ def compare(
         for done, config in enumerate(configs):
             if progress:
                 progress(done, len(configs), f"running {config.label}")
-            with prumerge.apply(demo.model, config.build()) as handle:
+            with prumerge.apply(demo.model, config.build(), processor=demo.processor) as handle:
                 answer = generate_answers(
                     demo.model,
                     demo.processor,

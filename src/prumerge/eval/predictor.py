@@ -139,7 +139,7 @@ class ModelPredictor:
         self.prompt_fn = prompt_fn
         self.method = method
         self.max_new_tokens = max_new_tokens
-        self.handle: Any = prumerge.apply(model, method)
+        self.handle: Any = prumerge.apply(model, method, processor=processor)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

@@ -66,6 +66,12 @@ class VisionInputs:
             after the row's last image), padded; None where the call has no prompt
             (``Handle.encode_images``) or the method does not ask.
         instruction_mask: (B, M) bool, False at the padding of ``instruction``.
+        image_embeds: (B, N, D) for methods that name a text tower (``text_tower``): the
+            patches in its joint image-text space (CLIP's ``visual_projection`` of the
+            post-normed ``tower_features``); None otherwise.
+        text_embeds: (B, S, D) the same tower's embeddings of each row's instruction, one
+            per 77-token segment, padded; None where the call has no prompt.
+        text_embeds_mask: (B, S) bool, False at the padding of ``text_embeds``.
     """
 
     features: torch.Tensor
@@ -80,6 +86,9 @@ class VisionInputs:
     object_importance: torch.Tensor | None = None
     instruction: torch.Tensor | None = None
     instruction_mask: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    text_embeds_mask: torch.Tensor | None = None
 
     @property
     def importance(self) -> torch.Tensor | None:
