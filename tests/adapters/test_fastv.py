@@ -133,11 +133,11 @@ def test_rows_with_different_image_counts_equal_rows_alone(model):
 
 def test_two_dimensional_masks_follow_the_kept_columns():
     # Flash attention hands the layers a (B, kv) padding mask instead of a 4-D one.
-    from prumerge.adapters.pruning import _plan
+    from prumerge.adapters.stage_plan import plan_stage
 
     dropped = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
     padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    plan = _plan(torch.zeros(2, 5, 4), {"attention_mask": padding.long()}, dropped, padding)
+    plan = plan_stage(torch.zeros(2, 5, 4), {"attention_mask": padding.long()}, dropped, padding)
     cos = torch.arange(5.0)[None, :, None].expand(2, 5, 4)
     out = plan.apply({"attention_mask": padding.long(), "position_embeddings": (cos, cos)})
     # Row 0 keeps columns 0, 3, 4 and row 1 keeps 0, 1, 3, 4: row 0 starts with a blocked
@@ -146,6 +146,6 @@ def test_two_dimensional_masks_follow_the_kept_columns():
     assert plan.keep_rows.tolist() == [[4, 0, 3, 4], [0, 1, 3, 4]]
     assert out["position_embeddings"][0][:, :, 0].tolist() == [[4, 0, 3, 4], [0, 1, 3, 4]]
     # A decoding step: one new column, kept by every row.
-    step = _plan(torch.zeros(2, 1, 4), {"attention_mask": torch.ones(2, 6)}, dropped, padding)
+    step = plan_stage(torch.zeros(2, 1, 4), {"attention_mask": torch.ones(2, 6)}, dropped, padding)
     assert step.keep_rows is None
     assert step.keep_columns.tolist() == [[6, 0, 3, 4, 5], [0, 1, 3, 4, 5]]

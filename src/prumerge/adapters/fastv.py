@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from prumerge.adapters.llm import register_language_patch
-from prumerge.adapters.pruning import StagedPruning, StageView, attention_scores
+from prumerge.adapters.llm_attention import attention_scores
+from prumerge.adapters.pruning import StagedPruning, StageView
 from prumerge.errors import PrumergeError
 from prumerge.methods import LanguageMethod
 from prumerge.ops.select import budget_count

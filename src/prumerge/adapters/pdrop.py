@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from prumerge.adapters.llm import register_language_patch
-from prumerge.adapters.pruning import StagedPruning, StageView, attention_scores, uses_mrope
+from prumerge.adapters.llm_attention import attention_scores
+from prumerge.adapters.pruning import StagedPruning, StageView, uses_mrope
 from prumerge.errors import PrumergeError
 from prumerge.methods import LanguageMethod
 

@@ -10,10 +10,12 @@ A method's patch (a ``StagedPruning`` subclass, one small file per method) says 
 - ``score(view)``: a score per current token at the start of a stage (``StageView``): each
   image keeps its highest-scoring tokens (ties to the earlier token).
 
-Everything else is here: layers 0..first-1 see every token; from each stage layer on the
-dropped tokens are removed from the hidden states, the rotary position embeddings, the
-attention mask and the KV cache of the later layers, so they really run on the shorter
-sequence. Kept tokens keep their original positions, or (``compact_positions``) positions
+Everything else is here (the rows and columns a pass keeps are planned in
+:mod:`prumerge.adapters.stage_plan`, attention weights recomputed in
+:mod:`prumerge.adapters.llm_attention`): layers 0..first-1 see every token; from each stage
+layer on the dropped tokens are removed from the hidden states, the rotary position
+embeddings, the attention mask and the KV cache of the later layers, so they really run on
+the shorter sequence. Kept tokens keep their original positions, or (``compact_positions``) positions
 renumbered without the dropped tokens, as PyramidDrop's release does (not on M-RoPE models,
 whose 3-D indices are always kept).
 
@@ -31,7 +33,6 @@ call, at its first forward pass, and reused by later steps, with or without the 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,8 @@ import torch
 from torch import nn
 
 from prumerge.adapters.llm import LanguagePatch
+from prumerge.adapters.llm_attention import rotary_function
+from prumerge.adapters.stage_plan import StagePlan, pass_dropped, pass_full, plan_stage
 from prumerge.errors import PrumergeError
 from prumerge.methods import LanguageMethod
 
@@ -112,7 +115,7 @@ class _Call:
     captured: dict[int, Captured] = field(default_factory=dict)
     embeddings: torch.Tensor | None = None
     by_stage: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, L) cumulative
-    plan: _Plan | None = None  # the current stage's rows and columns of this pass
+    plan: StagePlan | None = None  # the current stage's rows and columns of this pass
     rows: torch.Tensor | None = None  # (B, Lc) pass rows the current hidden states hold
     real_rows: torch.Tensor | None = None  # (B, Lc) which of them are not front copies
     position_ids: torch.Tensor | None = None  # the pass's position ids (compact: shifted)
@@ -307,7 +310,7 @@ class StagedPruning(LanguagePatch):
                 call.captured.clear()
                 call.embeddings = None
         dropped = call.by_stage[stage]
-        plan = _plan(hidden, kwargs, dropped, call.padding_mask, q_len=q_len)
+        plan = plan_stage(hidden, kwargs, dropped, call.padding_mask, q_len=q_len)
         assert call.rows is not None and call.real_rows is not None
         new_rows = (
             plan.keep_rows.to(device)
@@ -323,7 +326,7 @@ class StagedPruning(LanguagePatch):
         hidden = hidden.expand(batch, *hidden.shape[1:])
         hidden = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
         width = new_rows.shape[1]
-        count = (~_pass_dropped(dropped, plan)).sum(dim=1)
+        count = (~pass_dropped(dropped, plan)).sum(dim=1)
         call.real_rows = torch.arange(width, device=device)[None, :] >= (width - count)[:, None]
         call.rows = new_rows
         call.plan = plan
@@ -332,14 +335,14 @@ class StagedPruning(LanguagePatch):
         return hidden
 
     def _compact_ids(
-        self, kwargs: dict[str, Any], dropped: torch.Tensor, plan: _Plan
+        self, kwargs: dict[str, Any], dropped: torch.Tensor, plan: StagePlan
     ) -> torch.Tensor | None:
         """(B, q_len) this pass's position ids less the dropped prompt tokens before each."""
         ids = kwargs.get("position_ids")
         if ids is None or ids.ndim != 2:
             return None  # M-RoPE (3-D indices) keeps its original positions
         device = ids.device
-        full = _pass_full(dropped.to(device), plan.kv_len)
+        full = pass_full(dropped.to(device), plan.kv_len)
         before = full.long().cumsum(dim=1) - full.long()  # (B, kv) dropped columns before
         start = plan.kv_len - plan.q_len
         batch = full.shape[0]
@@ -440,208 +443,3 @@ def uses_mrope(language_model: nn.Module) -> bool:
 
 def functools_partial(function: Callable[..., Any], first: Any) -> Callable[..., Any]:
     return lambda *args, **kwargs: function(first, *args, **kwargs)
-
-
-def _pass_full(dropped: torch.Tensor, total: int) -> torch.Tensor:
-    """(B, total) the pass's dropped columns: the prompt's, then nothing new."""
-    batch = dropped.shape[0]
-    full = torch.zeros(batch, total, dtype=torch.bool, device=dropped.device)
-    length = min(dropped.shape[1], total)
-    full[:, :length] = dropped[:, :length]
-    return full
-
-
-def _pass_dropped(dropped: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """(B, q_len) which of the pass's query rows are dropped."""
-    full = _pass_full(dropped.to(plan.keep_columns.device), plan.kv_len)
-    return full[:, plan.kv_len - plan.q_len :]
-
-
-@dataclass
-class _Plan:
-    """Which query rows and key columns of one forward pass survive in one stage's layers.
-
-    Rows that keep fewer tokens than the longest are padded at the front: their extra query
-    rows copy the row's last real token, and their extra key columns point at column
-    ``kv_len``, a column appended to the mask that no query may attend to.
-    """
-
-    keep_rows: torch.Tensor | None  # (B, q') indices into the pass's q_len rows; None: all
-    keep_columns: torch.Tensor  # (B, kv') indices into the kv_len columns (kv_len: blocked)
-    q_len: int
-    kv_len: int
-    padded: bool  # some row has blocked columns
-
-    def take_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.keep_rows is None:
-            return tensor
-        batch = self.keep_rows.shape[0]
-        tensor = tensor.expand(batch, *tensor.shape[1:])
-        index = self.keep_rows.to(tensor.device)[..., None].expand(-1, -1, tensor.shape[-1])
-        return tensor.gather(1, index)
-
-    def apply(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        kwargs = dict(kwargs)
-        if self.keep_rows is not None:
-            cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (self.take_rows(cos), self.take_rows(sin))
-            position_ids = kwargs.get("position_ids")
-            if position_ids is not None and position_ids.shape[-1] == self.q_len:
-                rows = self.keep_rows.to(position_ids.device)
-                kwargs["position_ids"] = position_ids.expand(rows.shape[0], -1).gather(1, rows)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 4:
-            kwargs["attention_mask"] = self._mask_4d(mask)
-        elif isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[-1] == self.kv_len:
-            # (B, kv) padding mask (flash attention): keep the surviving columns.
-            columns = self.keep_columns.to(mask.device)
-            blocked = torch.zeros_like(mask[:, :1])
-            kwargs["attention_mask"] = torch.cat([mask, blocked], dim=1).gather(1, columns)
-        elif mask is None and self.padded:
-            kwargs["attention_mask"] = self._causal_mask()
-        return kwargs
-
-    def _mask_4d(self, mask: torch.Tensor) -> torch.Tensor:
-        """(B, 1, q, kv): keep the surviving query rows and key columns."""
-        batch = self.keep_columns.shape[0]
-        mask = mask.expand(batch, -1, -1, -1)
-        if mask.shape[-1] == self.kv_len:
-            blocked = torch.finfo(mask.dtype).min if mask.is_floating_point() else False
-            mask = torch.cat([mask, torch.full_like(mask[..., :1], blocked)], dim=-1)
-            cols = self.keep_columns.to(mask.device)[:, None, None, :]
-            mask = mask.gather(3, cols.expand(-1, mask.shape[1], mask.shape[2], -1))
-        if self.keep_rows is not None and mask.shape[2] == self.q_len:
-            rows = self.keep_rows.to(mask.device)[:, None, :, None]
-            mask = mask.gather(2, rows.expand(-1, mask.shape[1], -1, mask.shape[3]))
-        return mask
-
-    def _causal_mask(self) -> torch.Tensor:
-        """A boolean (B, 1, q', kv') causal mask over the original columns, for passes that
-        had no mask (sdpa without padding) but now pad some rows."""
-        columns = self.keep_columns  # (B, kv')
-        start = self.kv_len - self.q_len
-        rows = (
-            self.keep_rows
-            if self.keep_rows is not None
-            else torch.arange(self.q_len, device=columns.device).expand(columns.shape[0], -1)
-        )
-        query_position = (rows + start)[:, :, None]  # (B, q', 1)
-        allowed = (columns[:, None, :] <= query_position) & (columns[:, None, :] < self.kv_len)
-        return allowed[:, None]
-
-
-def _plan(
-    hidden: torch.Tensor,
-    kwargs: dict[str, Any],
-    dropped: torch.Tensor,
-    padding_mask: torch.Tensor,
-    q_len: int | None = None,
-) -> _Plan:
-    """Plan the layers of one stage in a forward pass of ``q_len`` tokens (default: the
-    length of ``hidden``), ``dropped`` (B, L) the prompt positions they do not see."""
-    batch = hidden.shape[0]
-    q_len = hidden.shape[1] if q_len is None else q_len
-    device = hidden.device
-    mask = kwargs.get("attention_mask")
-    # transformers 5.23 passes the cache as past_key_values, later releases as cache.
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if isinstance(mask, torch.Tensor) and mask.ndim in (2, 4):
-        total = mask.shape[-1]  # (B, [1, q,] kv): kv is the whole sequence so far
-    else:
-        # Layer 0 has already stored this pass's keys, so its cache length is the total.
-        total = cache.get_seq_length(0) if cache is not None else 0
-    total = max(total, q_len)  # without a cache, the inputs are the whole sequence
-    start = total - q_len
-    dropped = dropped.to(device)
-    prompt_len = min(dropped.shape[1], total)
-    full = torch.zeros(batch, total, dtype=torch.bool, device=device)
-    full[:, :prompt_len] = dropped[:, :prompt_len]
-
-    keep_columns = _front_padded(~full, fill=torch.full((batch,), total, device=device))
-    rows_kept = ~full[:, start:]
-    if bool(rows_kept.all()):
-        keep_rows = None
-    else:
-        # Front padding rows copy the row's last real token of this pass.
-        padding = padding_mask.to(device)
-        within = torch.arange(q_len, device=device)
-        real = (
-            padding[:, start:]
-            if padding.shape[1] >= total
-            else torch.ones(batch, q_len, dtype=torch.bool, device=device)
-        )
-        last = torch.where(real & rows_kept, within, -1).max(dim=1).values.clamp(min=0)
-        keep_rows = _front_padded(rows_kept, fill=last)
-    padded = bool(((~full).sum(dim=1) != (~full).sum(dim=1)[0]).any())
-    return _Plan(
-        keep_rows=keep_rows, keep_columns=keep_columns, q_len=q_len, kv_len=total, padded=padded
-    )
-
-
-def _front_padded(keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """(B, W) indices of the True entries of each row of ``keep``, in order, right-aligned
-    to the longest row; rows with fewer entries start with ``fill[b]``."""
-    batch, length = keep.shape
-    count = keep.sum(dim=1)
-    width = int(count.max())
-    positions = torch.arange(length, device=keep.device).expand(batch, length)
-    order = torch.argsort(torch.where(keep, positions, positions + length), dim=1, stable=True)
-    slots = torch.arange(width, device=keep.device).expand(batch, width)
-    source = slots - (width - count)[:, None]  # < 0 in the front padding
-    taken = order.gather(1, source.clamp(min=0))
-    return torch.where(source >= 0, taken, fill[:, None].expand(batch, width))
-
-
-def rotary_function(
-    attention: nn.Module, name: str
-) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The ``apply_rotary_pos_emb`` of the attention module's own model file."""
-    module = inspect.getmodule(type(attention))
-    function = getattr(module, "apply_rotary_pos_emb", None)
-    if function is None or not all(
-        hasattr(attention, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")
-    ):
-        raise PrumergeError(
-            f"{name} supports LLaMA-style attention with rotary embeddings; got {type(attention).__name__}"
-        )
-    return function
-
-
-def attention_scores(
-    attention: nn.Module,
-    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    queries: torch.Tensor,
-    key_mask: torch.Tensor,
-) -> torch.Tensor:
-    """The softmax attention of a few query rows of one attention module, recomputed from its
-    input (q/k projections and rotary embeddings; grouped key heads repeated).
-
-    Args:
-        attention: the module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
-        rotary: its ``apply_rotary_pos_emb``.
-        hidden: (B, L, H) its (normed) input.
-        position_embeddings: (cos, sin), (B or 1, L, D).
-        queries: (B, Q) int64 rows whose attention is wanted.
-        key_mask: (B, Q, L) bool, True where query q may attend to key l.
-
-    Returns:
-        (B, heads, Q, L) float32 attention weights.
-    """
-    batch, length, _ = hidden.shape
-    head_dim = attention.head_dim
-    cos, sin = position_embeddings
-    cos, sin = cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:])
-    index = queries[..., None]
-    picked = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
-    query = attention.q_proj(picked).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-    q_cos = cos.gather(1, index.expand(-1, -1, cos.shape[-1]))
-    q_sin = sin.gather(1, index.expand(-1, -1, sin.shape[-1]))
-    query = rotary(query, query, q_cos, q_sin)[0]
-    key = rotary(key, key, cos, sin)[0]
-    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query heads
-    logits = (query @ key.transpose(-1, -2)).float() * attention.scaling  # (B, h, Q, L)
-    logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
-    return logits.softmax(dim=-1)
