@@ -176,6 +176,23 @@ def _fingerprint(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:16]
 
 
+def _same_configuration(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether a recorded identity is this one. A method option added after the results
+    were written (absent from the record) whose value is None, its "off" default, is the
+    same configuration: the method computes what it computed before the option existed."""
+    if old == new:
+        return True
+    added = dict(new.get("method_options", {}))
+    recorded = old.get("method_options")
+    if not isinstance(recorded, dict):
+        return False
+    for key in set(added) - set(recorded):
+        if added[key] is not None:
+            return False
+        del added[key]
+    return {**old, "method_options": recorded} == {**new, "method_options": added}
+
+
 def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     parts = [f"{k}: {_canonical(old.get(k))} != {_canonical(new.get(k))}" for k in keys[:4]]
@@ -243,7 +260,7 @@ def check_directory(benchmark: Benchmark, config: EvalConfig, out_dir: str | Pat
     if old is None:
         return False
     identity = _identity(benchmark, config)
-    if old != identity:
+    if not _same_configuration(old, identity):
         raise PrumergeError(_mismatch_message(directory, old, identity))
     return True
 
@@ -264,7 +281,7 @@ def _prepare_directory(
             raise PrumergeError(str(exc)) from None
         old = {}  # replaced below, like a different configuration's
     if old is not None:
-        if old == identity:
+        if _same_configuration(old, identity):
             return
         if not overwrite:
             raise PrumergeError(_mismatch_message(directory, old, identity))
