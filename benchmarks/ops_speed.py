@@ -2,12 +2,11 @@
 
 Prints, measured side by side in one run with warm-up and interleaved repetitions, at
 LLaVA-1.5 shapes (N=576 patches, C=1024) for B=1 and B=16:
-  * the batched op vs three loops that compute the same result: "test reference" is the
-    slow per-token transcription of the paper that the tests check the op against (float64,
-    Python loops over tokens); "released-style loop" loops over rows x kept tokens and
-    rebuilds the other-token tensors for every kept token, as the released code does;
-    "loop" is that loop written tightly (precomputed tensors, one product per token), the
-    best a loop can do. Each with its max difference to the op;
+  * the batched op vs two loops that compute the same result (``prumerge_loops.py``):
+    "released-style loop" loops over rows x kept tokens and rebuilds the other-token tensors
+    for every kept token, as the released code does; "loop" is that loop written tightly
+    (precomputed tensors, one product per token), the best a loop can do. Each with its max
+    difference to the op;
   * the op's time as a fraction of one forward pass of a ViT-L/14-336-shaped CLIP encoder
     (random weights) at B=1.
 
@@ -26,21 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.ops.reference import (  # noqa: E402
-    prumerge_loop,
-    prumerge_released_loop,
-    prumerge_row,
-)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prumerge.ops import cls_attention, prumerge  # noqa: E402
-
-
-def prumerge_reference(tokens, keys, attn) -> list[torch.Tensor]:
-    """The tests' slow reference (`tests/ops/reference.py`), row by row: the per-token
-    transcription of the paper's description that the batched op is checked against, in
-    float64 with Python loops over tokens."""
-    return [prumerge_row(tokens[b], keys[b], attn[b])[0] for b in range(tokens.shape[0])]
+from prumerge_loops import prumerge_loop, prumerge_released_loop  # noqa: E402
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -104,7 +91,6 @@ def main() -> None:
     loops = {
         "loop": prumerge_loop,
         "released-style loop": prumerge_released_loop,
-        "test reference": prumerge_reference,
     }
     report: dict[str, dict[str, float]] = {}
 

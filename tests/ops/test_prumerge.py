@@ -230,10 +230,12 @@ def test_end_to_end_with_cls_attention():
     assert_matches_reference(result, tokens, k[:, 1:], attn, knn=4)
 
 
-def test_loop_reference_used_by_benchmark_agrees():
-    from .reference import prumerge_loop
+@pytest.mark.parametrize("loop", ["prumerge_loop", "prumerge_released_loop"])
+def test_the_speed_benchmarks_loops_agree(loop):
+    from tests.scripts import BENCHMARKS, load_script
 
+    loop_fn = getattr(load_script("prumerge_loops", BENCHMARKS), loop)
     tokens, keys, attn = make_inputs(batch=4, n=100, width=32)
     result = prumerge(tokens, keys, attn, knn=8)
-    for row, expected in zip(result.unpad(), prumerge_loop(tokens, keys, attn, knn=8), strict=True):
+    for row, expected in zip(result.unpad(), loop_fn(tokens, keys, attn, knn=8), strict=True):
         torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-5)
