@@ -144,3 +144,35 @@ def test_the_plugin_is_declared_for_vllm():
 
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert plugins.get("prumerge") == "prumerge.serve.vllm:register"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"method": "divprune", "keep": 8},
+        {"method": "tome", "keep": 8},
+        {"method": "prumerge"},
+    ],
+)
+def test_a_family_that_reduces_projected_tokens_serves_their_defaults(value):
+    """Qwen2.5-VL's merger is its projector: selection on its outputs and ToMe's default
+    (merging after the tower there) are served, refused for LLaVA."""
+    assert parse_serve_config(value, projected=True).method == value["method"]
+    if value["method"] != "prumerge":
+        with pytest.raises(PrumergeError):
+            parse_serve_config(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"method": "cdpruner", "keep": 8}, "reads the prompt's instruction"),
+        ({"method": "downsample", "keep": 8}, "resized image"),
+        ({"method": "tome", "keep": 8, "where": "tower"}, "where='tower'"),
+        ({"method": "fastv", "keep": 8}, "inside the language model"),
+    ],
+)
+def test_what_a_projected_family_cannot_serve_is_refused_in_one_line(value, message):
+    with pytest.raises(PrumergeError, match=message) as error:
+        parse_serve_config(value, projected=True)
+    assert "\n" not in str(error.value)

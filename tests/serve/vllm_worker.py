@@ -11,7 +11,9 @@ for each listed method (swapped in and out again) on those pixel values, and the
 projected tokens are saved for comparison with the Hugging Face adapter's. For an adaptive
 engine, ``repeat`` (item indices sent again: the caches), ``faults`` (requests whose
 reduction fails) and ``in_processor`` (the processor's reduction for other adaptive configs,
-run in this front-end process) add their results.
+run in this front-end process) add their results. ``architecture`` gives the served
+architecture with the ``serve`` config as is (Qwen2.5-VL); ``qwen_in_processor`` runs that
+processor's reduction for other configs.
 """
 
 from __future__ import annotations
@@ -129,6 +131,27 @@ def reduce_in_processor(model_dir: str, pixel_path: str, configs: list[dict], ou
     torch.save(results, out_path)
 
 
+def reduce_in_qwen_processor(model_dir: str, images: list[str], configs: list[dict], out_path: str):
+    """In this (front-end) process: the Qwen2.5-VL processor's tower and reduction for each
+    listed method config on the given images: each image's tokens and anchors."""
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from prumerge.loading.checkpoint import load_processor
+    from prumerge.serve.vllm.qwen import QwenProcessorTower, serve_config_of
+
+    config = AutoConfig.from_pretrained(model_dir)
+    processor = load_processor(model_dir).image_processor
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")
+    results = []
+    for served in configs:
+        config.prumerge = served
+        tower = QwenProcessorTower(model_dir, None, config, serve_config_of(config).build())
+        results.append(tower.reduce(pixels["pixel_values"], pixels["image_grid_thw"]))
+    torch.save(results, out_path)
+
+
 def flat_images_fail():
     """A fault for the tests: the adaptive processor's reduction raises for a flat image
     (every pixel alike), as a reduction that fails would; other images reduce as usual."""
@@ -186,10 +209,14 @@ def main(spec_path: str, result_path: str) -> None:
     with open(spec_path) as handle:
         spec = json.load(handle)
     serve = dict(spec["serve"])
+    if "architecture" in spec:  # the config as a user writes it, for that architecture
+        overrides = {"architectures": [spec["architecture"]], "prumerge": serve}
+    else:
+        overrides = hf_overrides(serve.pop("method"), **serve)
     start = time.perf_counter()
     llm = LLM(
         model=spec["model"],
-        hf_overrides=hf_overrides(serve.pop("method"), **serve),
+        hf_overrides=overrides,
         dtype="float32",
         max_model_len=1024,
         limit_mm_per_prompt={"image": 1},
@@ -236,6 +263,9 @@ def main(spec_path: str, result_path: str) -> None:
         reduce_in_processor(
             spec["model"], in_processor["pixels"], in_processor["configs"], in_processor["out"]
         )
+    qwen = spec.get("qwen_in_processor")
+    if qwen:
+        reduce_in_qwen_processor(spec["model"], qwen["images"], qwen["configs"], qwen["out"])
     encode = spec.get("encode")
     if encode:
         # A module-level function (pickled by name: the spawned workers import this script

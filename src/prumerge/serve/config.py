@@ -20,6 +20,8 @@ from prumerge.methods.spec import MethodSpec, make_spec, trial_inputs
 
 #: The architecture name the plugin registers with vLLM's ModelRegistry.
 ARCHITECTURE = "PrumergeLlavaForConditionalGeneration"
+#: The same for Qwen2.5-VL checkpoints (``prumerge.serve.vllm.qwen``).
+QWEN_ARCHITECTURE = "PrumergeQwen2_5_VLForConditionalGeneration"
 #: The config attribute that holds ``{"method": ..., **options}``.
 CONFIG_KEY = "prumerge"
 
@@ -34,12 +36,15 @@ def is_adaptive(config: ServeConfig) -> bool:
     return config.takes_budget and config.budget is None
 
 
-def parse_serve_config(value: Any) -> ServeConfig:
+def parse_serve_config(value: Any, *, projected: bool = False) -> ServeConfig:
     """Validate the ``prumerge`` config entry of a served model.
 
     Args:
         value: a dict ``{"method": "prumerge+", "keep": 64, ...}`` (or its JSON text).
             Values may be text, as on the command line (``"keep": "0.25"``).
+        projected: the served family reduces projected tokens, after the tower (Qwen2.5-VL,
+            whose PatchMerger is the projector): methods that select on the projector's
+            outputs are served there, and ToMe's default merges after the tower.
 
     Returns:
         The ``ServeConfig``.
@@ -48,7 +53,8 @@ def parse_serve_config(value: Any) -> ServeConfig:
         PrumergeError: for a missing or unknown method, unknown options, an LLM-side method
             (FastV prunes inside the language model, which the plugin does not patch), a
             method that resizes the input image (downsample), a method that merges inside
-            the tower or selects on the projector's outputs. An adaptive budget (PruMerge's
+            the tower or selects on the projector's outputs (both served where
+            ``projected``), a method that reads the prompt's instruction. An adaptive budget (PruMerge's
             and PruMerge+'s default) is served: the plugin's multimodal processor counts and
             reduces each image (``prumerge.serve.vllm.adaptive``).
     """
@@ -79,15 +85,27 @@ def parse_serve_config(value: Any) -> ServeConfig:
             f"method {config.method!r} runs the vision tower on a resized image, which the vLLM "
             f"plugin does not do; serve a method that reduces the tower's tokens"
         )
-    if getattr(method, "where", "after") != "after":
-        raise PrumergeError(
-            f"method {config.method!r} merges inside the vision tower by default, which the "
-            f"vLLM plugin does not do; serve it with where='after'"
-        )
     if getattr(method, "object_layer", None) is not None:
         raise PrumergeError(
             f"method {config.method!r} reads the attention of two vision-tower layers, and the "
             f"vLLM plugin records one; serve a single-layer method (e.g. vispruner, cls_topk)"
+        )
+    if getattr(method, "needs_instruction", False):
+        raise PrumergeError(
+            f"method {config.method!r} reads the prompt's instruction, which vLLM's multimodal "
+            f"processor does not pass with the image; serve a method that reads the image only"
+        )
+    if projected:
+        if getattr(method, "where", "after") == "tower":
+            raise PrumergeError(
+                f"method {config.method!r} with where='tower' merges inside the vision tower, "
+                f"which this family cannot; serve it with where='after' or 'auto'"
+            )
+        return config
+    if getattr(method, "where", "after") != "after":
+        raise PrumergeError(
+            f"method {config.method!r} merges inside the vision tower by default, which the "
+            f"vLLM plugin does not do; serve it with where='after'"
         )
     if projects_first(method):
         raise PrumergeError(

@@ -12,7 +12,7 @@ or ``vllm.LLM(MODEL, hf_overrides=prumerge.serve.hf_overrides("prumerge+", keep=
 
 from __future__ import annotations
 
-from prumerge.serve.config import ARCHITECTURE
+from prumerge.serve.config import ARCHITECTURE, QWEN_ARCHITECTURE
 
 
 def register() -> None:
@@ -23,4 +23,9 @@ def register() -> None:
         # A "module:Class" string: vLLM imports the model only in the processes that build it.
         ModelRegistry.register_model(
             ARCHITECTURE, "prumerge.serve.vllm.model:PrumergeLlavaForConditionalGeneration"
+        )
+    if QWEN_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(
+            QWEN_ARCHITECTURE,
+            "prumerge.serve.vllm.qwen:PrumergeQwen2_5_VLForConditionalGeneration",
         )
