@@ -1,6 +1,5 @@
 """SparseVLM / SparseVLM+ as the released code computes them at inference, one prompt at a
-time, without SparseVLM v1's recycling of dropped tokens (which prumerge does not do; see
-docs/methods.md).
+time, with SparseVLM v1's recycling of dropped tokens or without it.
 
 Transcribed (our own code, written from reading it) from Gumpest/SparseVLMs at commit
 26a5f48813c46cd1c7364160354e7fdd3febaa67 (code last changed in 9e1f649):
@@ -19,9 +18,22 @@ returns; ``llava/model/language_model/score.py`` (``attn_postprocess_topk``,
 4. The mean over heads, the rater rows and the visual columns, the mean over raters; the top
    min(k, v - 1) visual tokens stay; the layer's OUTPUT is indexed by the kept tokens; v2
    keeps their position ids, v1 truncates the position ids to the new length.
+5. v1 recycling (the ``s_flag`` branch; ``llava/model/language_model/utils.py``,
+   ``cluster_and_merge``): of the dropped visual tokens (in order), the top int(0.3 d) + 1 by
+   their score, from the layer's OUTPUT, are clustered into int(r / 10) + 1 clusters by
+   density peaks: distances ||x_i - x_j|| / sqrt(C), density exp(-mean of the squared
+   distances to the k = clusters nearest), each token's distance to the nearest denser one
+   (the largest distance for the densest), centres = the top k of distance x density, every
+   token to its nearest centre (centres to themselves), each cluster Σ x / (n + 1e-6); they
+   go right after the kept visual tokens, the position ids truncated to the new length, and
+   count as visual tokens for the next layer. (The release adds random noise below 1e-6 to
+   the densities, so that no two are equal; this transcription, as prumerge, breaks the ties
+   of equal densities and of equal scores towards the lower index instead.)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -39,11 +51,13 @@ def sparsevlm_release(
     counts: list[int],
     version: str = "v2",
     heads: int = 14,
-) -> tuple[torch.Tensor, list[int]]:
-    """One prompt's final hidden states and the prompt positions that reach the last layer."""
+    recycle: bool = False,
+) -> tuple[torch.Tensor, list[int | None]]:
+    """One prompt's final hidden states and the prompt positions that reach the last layer
+    (None for a recycled cluster token). ``counts``: the tokens kept by rank."""
     hidden = embeds[None]
     length = embeds.shape[0]
-    kept = list(range(length))
+    kept: list[int | None] = list(range(length))
     positions = torch.arange(length)[None]
     text_start = image_start + image_length
     v = embeds[image_start:text_start]
@@ -90,10 +104,58 @@ def sparsevlm_release(
             relation = maps.mean(1)[:, rows, image_start:text_now].mean(1)[0]  # (v,)
             top = relation.topk(min(counts[pruning_loc.index(index)], image_count - 1)).indices
             keep_image = sorted((top + image_start).tolist())
-            order = list(range(image_start)) + keep_image + list(range(text_now, current))
-            output = output[:, order]
-            kept = [kept[i] for i in order]
-            positions = positions[:, order] if version == "v2" else positions[:, : len(order)]
-            image_count = len(keep_image)
+            merged = output[:, :0]
+            if recycle:
+                dropped = [i for i in range(image_count) if i + image_start not in keep_image]
+                recycled = int(len(dropped) * 0.3) + 1
+                by_score = relation[dropped].topk(recycled).indices.tolist()
+                members = [dropped[j] + image_start for j in by_score]
+                merged = _cluster_and_merge(output[0, members], int(recycled / 10) + 1)[None]
+            head = list(range(image_start)) + keep_image
+            tail = list(range(text_now, current))
+            output = torch.cat([output[:, head], merged, output[:, tail]], dim=1)
+            kept = [kept[i] for i in head] + [None] * merged.shape[1] + [kept[i] for i in tail]
+            order = head + tail
+            positions = positions[:, order] if version == "v2" else positions[:, : output.shape[1]]
+            image_count = len(keep_image) + merged.shape[1]
         hidden = output
     return language_model.norm(hidden)[0], kept
+
+
+def _cluster_and_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
+    """(clusters, C) the cluster means of the (M, C) tokens, as ``cluster_and_merge``."""
+    count, width = x.shape
+    d = torch.tensor(
+        [
+            [float((x[i].double() - x[j].double()).norm()) / width**0.5 for j in range(count)]
+            for i in range(count)
+        ],
+        dtype=torch.float64,
+    )
+    density = [
+        math.exp(-sum(v * v for v in sorted(d[i].tolist())[:clusters]) / clusters)
+        for i in range(count)
+    ]
+    largest = float(d.max())
+    parent = []
+    for i in range(count):
+        denser = [
+            float(d[i, j])
+            for j in range(count)
+            if density[j] > density[i] or (density[j] == density[i] and j < i)
+        ]
+        parent.append(min(denser) if denser else largest)
+    score = [p * q for p, q in zip(parent, density, strict=True)]
+    centres = sorted(range(count), key=lambda i: -score[i])[:clusters]
+    owner = []
+    for i in range(count):
+        distances = [float(d[c, i]) for c in centres]
+        owner.append(distances.index(min(distances)))
+    for number, centre in enumerate(centres):
+        owner[centre] = number
+    merged = torch.zeros(clusters, width, dtype=x.dtype)
+    for number in range(clusters):
+        members = [i for i in range(count) if owner[i] == number]
+        for i in members:
+            merged[number] += x[i] * (1.0 / (len(members) + 1e-6))
+    return merged

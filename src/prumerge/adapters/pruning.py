@@ -115,6 +115,7 @@ class _Call:
     captured: dict[int, Captured] = field(default_factory=dict)
     embeddings: torch.Tensor | None = None
     by_stage: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, L) cumulative
+    rewrites: list[Rewrite | None] = field(default_factory=list)  # per stage (``select``)
     plan: StagePlan | None = None  # the current stage's rows and columns of this pass
     rows: torch.Tensor | None = None  # (B, Lc) pass rows the current hidden states hold
     real_rows: torch.Tensor | None = None  # (B, Lc) which of them are not front copies
@@ -185,6 +186,12 @@ class StagedPruning(LanguagePatch):
     def score(self, view: StageView) -> torch.Tensor:
         """(B, Lc) float: each image keeps its highest-scoring current tokens."""
         raise NotImplementedError
+
+    def select(self, view: StageView, score: torch.Tensor) -> tuple[torch.Tensor, Rewrite | None]:
+        """(B, Lc) bool, the current rows that go on, and what some of them hold from now
+        on (None: their own states). By default each image's ``view.keep`` best-scoring
+        tokens, unchanged; SparseVLM v1 overrides it to put recycled tokens in kept rows."""
+        return top_per_image(score, view.image, view.keep), None
 
     # -- lifecycle -----------------------------------------------------------------------
     def remove(self) -> None:
@@ -324,6 +331,9 @@ class StagedPruning(LanguagePatch):
         where.scatter_(1, target, slots)
         source = where.gather(1, new_rows)
         hidden = hidden.expand(batch, *hidden.shape[1:])
+        rewrite = call.rewrites[stage]
+        if rewrite is not None and q_len == call.image.shape[1]:  # a pass over the prompt
+            hidden = rewrite.apply(hidden, where)
         hidden = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
         width = new_rows.shape[1]
         count = (~pass_dropped(dropped, plan)).sum(dim=1)
@@ -393,7 +403,8 @@ class StagedPruning(LanguagePatch):
     def _drop(self, call: _Call, stage: int, view: StageView) -> torch.Tensor:
         """(B, L) the prompt positions dropped from this stage on (cumulative)."""
         score = self.score(view).float()
-        keep = top_per_image(score, view.image, view.keep)  # (B, Lc)
+        keep, rewrite = self.select(view, score)  # (B, Lc)
+        call.rewrites.append(rewrite)
         batch, length = call.image.shape
         device = score.device
         dropped = (
@@ -405,6 +416,32 @@ class StagedPruning(LanguagePatch):
         b, j = drop_now.nonzero(as_tuple=True)
         dropped[b, view.rows[b, j]] = True
         return dropped
+
+
+@dataclass
+class Rewrite:
+    """New states for some rows at a stage's start, in every pass over the whole prompt:
+    the row holding prompt position ``target[e]`` of batch row ``batch[e]`` becomes the sum
+    over its entries of ``weight[e]`` times the row holding prompt position ``source[e]``
+    (read before any is rewritten). Rows without an entry keep their states."""
+
+    batch: torch.Tensor  # (E,) int64
+    target: torch.Tensor  # (E,) int64 prompt positions
+    source: torch.Tensor  # (E,) int64 prompt positions
+    weight: torch.Tensor  # (E,) float
+
+    def apply(self, hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (B, Lc, H) rewritten; ``where`` (B, L + 1): the current row of every
+        prompt position."""
+        device = hidden.device
+        batch = self.batch.to(device)
+        target = where[batch, self.target.to(device)]
+        source = where[batch, self.source.to(device)]
+        values = hidden[batch, source].float() * self.weight.to(device, torch.float32)[:, None]
+        out = hidden.float()  # a copy where hidden is not float32; summed in float32
+        out = out.clone() if out is hidden else out
+        out[batch, target] = 0
+        return out.index_put_((batch, target), values, accumulate=True).to(hidden.dtype)
 
 
 def top_per_image(score: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

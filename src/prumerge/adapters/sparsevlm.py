@@ -10,9 +10,16 @@ from torch import nn
 
 from prumerge.adapters.llm import register_language_patch
 from prumerge.adapters.llm_attention import attention_scores
-from prumerge.adapters.pruning import StagedPruning, StageView, uses_mrope
+from prumerge.adapters.pruning import (
+    Rewrite,
+    StagedPruning,
+    StageView,
+    top_per_image,
+    uses_mrope,
+)
 from prumerge.errors import PrumergeError
 from prumerge.methods import LanguageMethod
+from prumerge.ops.recycle import cluster_weights, density_peak_clusters, recycle_counts
 
 
 def text_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -45,16 +52,74 @@ class SparseVLMPatch(StagedPruning):
         self.version = method.version
         self.heads = method.heads
         self.compact_positions = method.version == "v1" and not uses_mrope(language_model)
+        self.recycle = method.recycles
+        if self.recycle and uses_mrope(language_model):
+            raise PrumergeError(
+                "sparsevlm v1 recycles dropped tokens into the slots after the kept ones and "
+                "renumbers positions, and this decoder keeps M-RoPE's original 3-D indices; "
+                "supported here: recycle=False"
+            )
         self._raters: dict[int, torch.Tensor] = {}  # per image, its raters' prompt positions
+        # per image, {first layer of a stage: (tokens kept by rank, cluster tokens added)}
+        self._stages: dict[int, dict[int, tuple[int, int]]] = {}
         super().__init__(language_model, method)
 
     def arm(self, image: torch.Tensor, padding_mask: torch.Tensor) -> list[int]:
         self._raters = {}
+        counts = torch.bincount(image[image >= 0]).tolist() if image.numel() else []
+        self._stages = {
+            i: {layer: (ranked, added) for layer, ranked, added in self.method.stages(n)}
+            for i, n in enumerate(counts)
+        }
         return super().arm(image, padding_mask)
 
     def disarm(self) -> None:
         self._raters = {}
+        self._stages = {}
         super().disarm()
+
+    def select(self, view: StageView, score: torch.Tensor) -> tuple[torch.Tensor, Rewrite | None]:
+        """v1's recycling: each image keeps its best ``ranked`` tokens and, in the slots
+        after them, the cluster means of the top 30 % of its dropped tokens by score
+        (``prumerge.ops.recycle``): the release's order (kept, then recycled, then the
+        text), positions renumbered."""
+        if not self.recycle:
+            return super().select(view, score)
+        ranked = view.keep.clone()
+        for image, stages in self._stages.items():
+            if view.layer in stages:
+                ranked[image] = stages[view.layer][0]
+        keep = top_per_image(score, view.image, ranked)
+        out = keep.clone()
+        batch, target, source, weight = [], [], [], []
+        for image, stages in self._stages.items():
+            if view.layer not in stages:
+                continue
+            count, clusters = stages[view.layer]
+            row = int((view.image == image).any(dim=1).nonzero()[0])
+            slots = (view.image[row] == image).nonzero().flatten()  # in sequence order
+            kept, dropped = slots[keep[row, slots]], slots[~keep[row, slots]]
+            recycled, expected = recycle_counts(dropped.numel())
+            if expected != clusters:
+                raise PrumergeError(f"sparsevlm: image {image} has {slots.numel()} tokens here")
+            if not clusters:
+                continue
+            members = dropped[score[row, dropped].topk(recycled).indices]  # by score
+            assignment = density_peak_clusters(view.hidden[row, members], clusters)
+            out[row, slots] = False
+            out[row, slots[: count + clusters]] = True
+            positions = view.rows[row]
+            batch.append(torch.full((count + recycled,), row, device=slots.device))
+            target += [positions[slots[:count]], positions[slots[count + assignment]]]
+            source += [positions[kept], positions[members]]
+            weight += [
+                torch.ones(count, dtype=torch.float64, device=slots.device),
+                cluster_weights(assignment, clusters),
+            ]
+        if not batch:
+            return keep, None
+        rewrite = Rewrite(torch.cat(batch), torch.cat(target), torch.cat(source), torch.cat(weight))
+        return out, rewrite
 
     def schedule(self, count: int) -> list[tuple[int, int]]:
         return self.method.schedule(count)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from prumerge.methods.base import (
     LanguageMethod,
+    check_bool,
     check_choice,
     check_int,
     check_keep,
     register_method,
 )
 from prumerge.methods.pdrop import parse_layers
+from prumerge.ops.recycle import recycle_counts
 
 SPARSEVLM_VERSIONS = ("v2", "v1")
 
@@ -59,9 +61,11 @@ class SparseVLM(LanguageMethod):
 
     ``version="v2"`` (the default) is SparseVLM+ as released: the attention divided by the
     rotary embeddings' own logits ("gravity correction"), only the ``heads`` heads that pay
-    the image the most attention averaged, original positions. ``version="v1"`` is
-    SparseVLM's ranking (every head, compact positions) without its recycling of dropped
-    tokens (docs/methods.md).
+    the image the most attention averaged, original positions, no recycling.
+    ``version="v1"`` is SparseVLM as its release's default runs it: every head, compact
+    positions, and (``recycle``, on by default for v1) the top 30 % of each stage's dropped
+    tokens clustered (DPC-kNN) into int(r / 10) + 1 tokens that go on after the kept ones
+    (docs/methods.md).
 
     ``keep`` is the release's ``RETAIN_TOKN`` (192 by default; its tables at 64 / 96 / 128 /
     192 of 576 tokens, interpolated between them and scaled by N / 576); the image tokens
@@ -75,6 +79,7 @@ class SparseVLM(LanguageMethod):
         layers: str | tuple[int, ...] = (2, 6, 15),
         version: str = "v2",
         heads: int = 14,
+        recycle: bool | None = None,
     ) -> None:
         self.keep = check_keep(keep)
         self.layers = parse_layers("layers", layers, minimum=0)
@@ -84,19 +89,42 @@ class SparseVLM(LanguageMethod):
             )
         self.version = check_choice("version", version, SPARSEVLM_VERSIONS)
         self.heads = check_int("heads", heads, minimum=1)
+        if recycle is not None:
+            check_bool("recycle", recycle)
+        if recycle and version != "v1":
+            raise ValueError("recycle=True needs version='v1' (SparseVLM+ does not recycle)")
+        # None: as the release, v1 recycles and SparseVLM+ does not.
+        self.recycle = recycle
         self.layer = self.layers[0] + 1
 
-    def schedule(self, count: int) -> list[tuple[int, int]]:
-        """``(layer, kept)``: the output of pruning layer l is pruned, so layer l + 1 is the
-        first to see the stage's tokens."""
+    @property
+    def recycles(self) -> bool:
+        return self.version == "v1" and self.recycle is not False
+
+    def stages(self, count: int) -> list[tuple[int, int, int]]:
+        """``(layer, ranked, recycled)``: from ``layer`` on an image of ``count`` tokens
+        keeps its ``ranked`` best tokens and ``recycled`` cluster tokens (0 without
+        recycling). With recycling every stage ranks the kept and the recycled tokens of the
+        one before (the release's ``v_token_num`` counts both)."""
         label = self.keep * RELEASE_TOKENS if isinstance(self.keep, float) else self.keep
         if isinstance(self.keep, int):
             label = self.keep * RELEASE_TOKENS / count if count else self.keep
         if label >= RELEASE_TOKENS:
             return []
         kept = release_counts(self.version, label, count)
+        out, current = [], count
         # Fewer pruning layers than the release's three take the first counts of its table.
-        return [(layer + 1, n) for layer, n in zip(self.layers, kept, strict=False)]
+        for layer, n in zip(self.layers, kept, strict=False):
+            ranked = max(0, min(n, current - 1))
+            clusters = recycle_counts(current - ranked)[1] if self.recycles else 0
+            out.append((layer + 1, ranked, clusters))
+            current = ranked + clusters
+        return out
+
+    def schedule(self, count: int) -> list[tuple[int, int]]:
+        """``(layer, kept)``: the output of pruning layer l is pruned, so layer l + 1 is the
+        first to see the stage's tokens."""
+        return [(layer, ranked + recycled) for layer, ranked, recycled in self.stages(count)]
 
     def describe_budget(self) -> str:
         return (
