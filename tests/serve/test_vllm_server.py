@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from prumerge.serve.config import ARCHITECTURE, QWEN_ARCHITECTURE
 from tests.serve.conftest import (
     ADAPTIVE,
     EXAMPLE_QUESTION,
@@ -39,8 +40,8 @@ from tests.serve.openai_server import (
     stop_server,
     wait_until_healthy,
 )
+from tests.serve.tiny_qwen import tiny_served_qwen
 
-ARCHITECTURE = "PrumergeLlavaForConditionalGeneration"
 #: Tokens the in-flight request generates (EOS ignored), so it is still running when the
 #: broken images arrive.
 LONG_TOKENS = 48
@@ -162,32 +163,45 @@ def test_a_broken_image_is_an_error_for_that_request_only(served: Served, broken
 
 
 @pytest.mark.parametrize(
-    ("config", "reason"),
+    ("family", "config", "reason"),
     [
         pytest.param(
-            {"method": "fastv", "keep": 64}, "prunes inside the language model", id="fastv"
+            "llava",
+            {"method": "fastv", "keep": 64},
+            "prunes inside the language model",
+            id="fastv",
         ),
         pytest.param(
+            "llava",
             {"method": "prumerge+", "keep": 64, "colour": "red"},
             "does not take option(s) colour",
             id="unknown-option",
         ),
+        pytest.param(
+            "qwen",
+            {"method": "cdpruner", "keep": 8},
+            "reads the prompt's instruction",
+            id="qwen-cdpruner",
+        ),
     ],
 )
 def test_a_config_the_plugin_cannot_serve_fails_at_start_up_in_one_line(
-    tmp_path: Path, config: dict[str, Any], reason: str
+    tmp_path: Path, family: str, config: dict[str, Any], reason: str
 ):
     """Given raw through --hf-overrides, a config the plugin refuses stops the server before
     its engine starts; the last line the user sees is the plugin's one-line reason."""
     unavailable = _vllm_available()
     if unavailable:
         pytest.skip(unavailable)
-    from prumerge.models.default import load_default_model
+    if family == "qwen":
+        checkpoint, architecture = str(tiny_served_qwen(tmp_path)), QWEN_ARCHITECTURE
+    else:
+        from prumerge.models.default import load_default_model
 
-    model, _ = load_default_model()
+        checkpoint, architecture = load_default_model()[0].name_or_path, ARCHITECTURE
     log = tmp_path / "server.log"
-    overrides = {"architectures": [ARCHITECTURE], "prumerge": config}
-    server = start_server(server_command(model.name_or_path, overrides, free_port()), log)
+    overrides = {"architectures": [architecture], "prumerge": config}
+    server = start_server(server_command(checkpoint, overrides, free_port()), log)
     try:
         server.wait(timeout=600)
     finally:

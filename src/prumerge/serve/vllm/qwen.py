@@ -181,6 +181,9 @@ class PrumergeQwenProcessingInfo(BaseProcessingInfo):
     def get_mm_max_tokens_per_item(
         self, seq_len: int, mm_counts: Mapping[str, int]
     ) -> Mapping[str, int]:
+        # vLLM asks this first, in the front end, before any engine process starts: a config
+        # the plugin cannot serve fails here, in one line.
+        serve_config_of(self.get_hf_config())
         processor = self.get_hf_processor().image_processor
         height, width = self._largest
         cells = (height // processor.patch_size) * (width // processor.patch_size)
