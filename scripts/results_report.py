@@ -81,7 +81,7 @@ def table(name: str, summary: dict) -> str:
             budget_label(config),
             f"{config['tokens_out']:.1f}",
             f"{config['score']:.2f}",
-            f"{config['relative']:.1f}%",
+            "-" if config.get("relative") is None else f"{config['relative']:.1f}%",
             str(config["n"]),
             *(f"{config['scores'].get(c + '/score', float('nan')):.1f}" for c in columns),
         ]
@@ -105,8 +105,8 @@ def budget_grid(summaries: dict[str, dict]) -> str:
                 budgets.append(label)
             if config["method"] not in methods:
                 methods.append(config["method"])
-            cells[(model, config["method"], label)] = (
-                f"{config['score']:.1f} ({config['relative']:.0f}%)"
+            cells[(model, config["method"], label)] = f"{config['score']:.1f}" + (
+                "" if config.get("relative") is None else f" ({config['relative']:.0f}%)"
             )
     order = sorted(budgets, key=lambda b: (b == "adaptive", float(b) if b != "adaptive" else 0))
     head = ["method"] + [f"{model} {b}" for model in summaries for b in order]
