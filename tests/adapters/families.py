@@ -371,7 +371,6 @@ CASES = {
         _qwen_images,
         kinds=3,
         token_types="mm_token_type_ids",
-        refuses={"hiprune": TWO_LAYERS},
     ),
     "qwen2_vl": Case(
         "qwen2_vl",
@@ -379,7 +378,6 @@ CASES = {
         _qwen_images,
         kinds=3,
         token_types="mm_token_type_ids",
-        refuses={"hiprune": TWO_LAYERS},
     ),
     "qwen3_vl": Case(
         "qwen3_vl",
@@ -400,7 +398,7 @@ CASES = {
         _internvl_images,
         kinds=3,
         counts=_internvl_counts,
-        refuses={"downsample": "its tiles have the tower's fixed size", "hiprune": TWO_LAYERS},
+        refuses={"downsample": "its tiles have the tower's fixed size"},
     ),
     "gemma3": Case(
         "gemma3",
@@ -412,7 +410,6 @@ CASES = {
         refuses={
             "downsample": "pools the tower's fixed grid",
             **{m: QK_NORM for m in LLM_SIDE},
-            "hiprune": TWO_LAYERS,
         },
     ),
 }

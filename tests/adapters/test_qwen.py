@@ -121,11 +121,81 @@ def test_the_issue_25_vision_methods_apply_to_a_tiny_qwen2_5_vl(method):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-def test_hiprune_is_refused_on_qwen2_5_vl_in_one_line():
-    model = CASES["qwen2_5_vl"].build("sdpa", 0)
+def test_hiprune_is_refused_on_qwen3_vl_in_one_line():
+    model = CASES["qwen3_vl"].build("sdpa", 0)
     with pytest.raises(PrumergeError, match="two vision-tower layers") as info:
         prumerge.apply(model, "hiprune", keep=0.5)
     assert "\n" not in str(info.value)
+
+
+def release_global_attention(model, pixel_values, grid, block_index):
+    """HiPrune's Qwen2.5-VL "global attention" of one ViT block, as its release computes it
+    (Danielement321/HiPrune at 6e83a12, ``Qwen2_5_VL/qwen2_5_vl_HiPrune.py``: every block
+    returns its softmax map under its own mask, full per image or within windows; mean over
+    heads, SUM over queries, mean over each merger group of 4, ``reverse_indices`` back to
+    raster order), per image."""
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    vision = model.config.vision_config
+    attention = visual.blocks[block_index].attn
+    rotary = inspect.getmodule(type(attention)).apply_rotary_pos_emb_vision
+    seen = {}
+
+    def pre(_module, args, kwargs):
+        seen["hidden"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["rope"] = kwargs["position_embeddings"]
+
+    hook = attention.register_forward_pre_hook(pre, with_kwargs=True)
+    with torch.no_grad():
+        visual(pixel_values, grid_thw=grid)
+    hook.remove()
+    hidden = seen["hidden"]
+    total = hidden.shape[0]
+    q, k, _ = attention.qkv(hidden).reshape(total, 3, attention.num_heads, -1).unbind(1)
+    q, k = rotary(q, k, *seen["rope"])
+    full = getattr(vision, "fullatt_block_indexes", None)
+    window_index = None
+    bounds = [0, *grid.prod(-1).cumsum(0).tolist()]  # full blocks: each image alone
+    if full is not None:  # Qwen2.5-VL: every block sees the tokens in window order
+        window_index, windows = get_vision_window_index(
+            grid, spatial_merge_size=2, window_size=vision.window_size, patch_size=4
+        )
+        if block_index not in full:
+            bounds = sorted({int(b) for b in windows})
+    mask = torch.full((total, total), float("-inf"))
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        mask[a:b, a:b] = 0
+    logits = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * q.shape[-1] ** -0.5
+    weights = (logits + mask).softmax(-1).mean(0).sum(0)  # heads mean, queries sum: (T,)
+    pooled = weights.view(total // 4, 4).mean(-1)  # per merger group, in the blocks' order
+    if window_index is not None:
+        pooled = pooled[torch.argsort(window_index)]  # reverse_indices: raster order
+    return list(torch.split(pooled, (grid.prod(-1) // 4).tolist()))
+
+
+@pytest.mark.parametrize(
+    ("family", "layer"), [("qwen2_5_vl", 1), ("qwen2_5_vl", 2), ("qwen2_vl", 1)]
+)
+def test_hiprune_anchors_read_the_object_blocks_attention_as_the_release(family, layer):
+    # The tiny Qwen2.5-VL's block 0 attends within windows, block 1 fully.
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = case.images([0, 1, 2], seed=3)
+    seen = []
+    with prumerge.apply(model, "hiprune", keep=6, alpha=5 / 6, object_layer=layer) as handle:
+        reduce = handle.method.reduce
+        handle.method.reduce = lambda batch: seen.append(batch) or reduce(batch)
+        out = handle.encode_images(**inputs)
+    assert [f.shape[0] for f in out] == [6, 6, 6]
+    expected = release_global_attention(
+        model, inputs["pixel_values"], inputs["image_grid_thw"], layer - 1
+    )
+    sizes = inputs["image_grid_thw"].prod(-1).tolist()
+    got = [row for batch in seen for row in batch.object_importance]  # one image per batch
+    for g, e, size in zip(got, expected, sizes, strict=True):
+        # prumerge's mean over the image's queries is the release's sum over its size
+        torch.testing.assert_close(g * size, e, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

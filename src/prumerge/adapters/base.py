@@ -124,8 +124,8 @@ class FamilyAdapter:
         if getattr(method, "object_layer", None) is not None and not self.object_layer_attention:
             raise PrumergeError(
                 f"{method.name} reads the attention of two vision-tower layers, and the "
-                f"{self.title} adapter records one; supported: LLaVA-1.5, LLaVA-NeXT, "
-                f"LLaVA-OneVision"
+                f"{self.title} adapter records one; supported: "
+                + ", ".join(f.title for f in FAMILIES.values() if f.object_layer_attention)
             )
         self.model = model
         self.method = method

@@ -50,6 +50,7 @@ _MISSING = object()
 @register_family
 class Gemma3Adapter(FamilyAdapter):
     family = "gemma3"
+    object_layer_attention = True
     title = "Gemma 3"
     model_classes = ("Gemma3ForConditionalGeneration",)
     image_inputs = ("pixel_values",)
@@ -87,6 +88,18 @@ class Gemma3Adapter(FamilyAdapter):
         if self.importance is not None:
             attention = self.tower.encoder.layers[-1].self_attn
             self.query, self.key = attention.q_proj, attention.k_proj
+        # A second layer's q/k for methods that read two (HiPrune's object layer, 1-based).
+        self.object_query = self.object_key = None
+        object_layer = getattr(method, "object_layer", None)
+        if object_layer is not None:
+            layers = self.tower.encoder.layers
+            if not 1 <= object_layer <= len(layers):
+                raise PrumergeError(
+                    f"{method.name}: object_layer={object_layer} is out of range for the "
+                    f"{len(layers)}-layer SigLIP tower; supported: 1 to {len(layers)}"
+                )
+            attention = layers[object_layer - 1].self_attn
+            self.object_query, self.object_key = attention.q_proj, attention.k_proj
 
     # -- vision ------------------------------------------------------------------------
     def placeholder_counts(self, images: dict[str, Any]) -> torch.Tensor:
@@ -120,7 +133,8 @@ class Gemma3Adapter(FamilyAdapter):
         tower = self.tower
         dtype = next(tower.parameters()).dtype
         pixel_values = pixel_values.to(device=execution_device(tower), dtype=dtype)
-        with capture({"q": self.query, "k": self.key}) as captured:
+        hooks = {"q": self.query, "k": self.key, "oq": self.object_query, "ok": self.object_key}
+        with capture(hooks) as captured:
             hidden = tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
         inputs = VisionInputs(features=self._pool(hidden), grid=self.grid, key_heads=self.num_heads)
         if self.importance is not None:
@@ -128,6 +142,9 @@ class Gemma3Adapter(FamilyAdapter):
             received = mean_attention(q, k, num_heads=self.num_heads)
             inputs.keys = self._pool(k.float())
             inputs.cls_attn = self._pool(received[..., None])[..., 0]
+        if "oq" in captured:
+            received = mean_attention(captured["oq"], captured["ok"], num_heads=self.num_heads)
+            inputs.object_importance = self._pool(received[..., None])[..., 0]
         device = execution_device(self.projector)
         projected_space = projects_first(self.method)
         if projected_space:

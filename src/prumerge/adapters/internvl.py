@@ -53,6 +53,7 @@ from prumerge.ops.select import budget_count, split_budget
 @register_family
 class InternVLAdapter(FamilyAdapter):
     family = "internvl"
+    object_layer_attention = True
     title = "InternVL"
     model_classes = ("InternVLForConditionalGeneration",)
     image_inputs = ("pixel_values",)
@@ -115,6 +116,17 @@ class InternVLAdapter(FamilyAdapter):
             # The q/k norms (identities without use_qk_norm) give q and k as attention uses them.
             self.query, self.key = attention.q_norm, attention.k_norm
             self.attention_layer = attention_layer
+        # A second layer's q/k for methods that read two (HiPrune's object layer, 1-based).
+        self.object_query = self.object_key = None
+        object_layer = getattr(method, "object_layer", None)
+        if object_layer is not None:
+            if not 1 <= object_layer <= num_layers:
+                raise PrumergeError(
+                    f"{method.name}: object_layer={object_layer} is out of range for the "
+                    f"{num_layers}-layer InternViT; supported: 1 to {num_layers}"
+                )
+            attention = self.tower.encoder.layer[object_layer - 1].attention
+            self.object_query, self.object_key = attention.q_norm, attention.k_norm
 
     def _resolve_importance(self, method: Method) -> str | None:
         if not method.needs_attention:
@@ -177,7 +189,8 @@ class InternVLAdapter(FamilyAdapter):
         keys and importance."""
         dtype = next(self.tower.parameters()).dtype
         pixel_values = pixel_values.to(device=execution_device(self.tower), dtype=dtype)
-        with capture({"q": self.query, "k": self.key}) as captured:
+        hooks = {"q": self.query, "k": self.key, "oq": self.object_query, "ok": self.object_key}
+        with capture(hooks) as captured:
             out = self.tower(
                 pixel_values=pixel_values,
                 output_hidden_states=self.feature_layer != -1,
@@ -202,6 +215,11 @@ class InternVLAdapter(FamilyAdapter):
                 score = mean_attention(q, k, num_heads=self.num_heads, num_prefix_tokens=1)
             inputs.keys = self._shuffle(k[:, 1:].float()).mean(dim=2)  # (T, n, Ck)
             inputs.cls_attn = self._shuffle(score[..., None]).mean(dim=(2, 3))  # (T, n)
+        if "oq" in captured:
+            score = mean_attention(
+                captured["oq"], captured["ok"], num_heads=self.num_heads, num_prefix_tokens=1
+            )
+            inputs.object_importance = self._shuffle(score[..., None]).mean(dim=(2, 3))
         return inputs
 
     def _budgets(self, tiles: list[int], tokens_in: list[int]) -> list[int | None]:
@@ -252,6 +270,11 @@ class InternVLAdapter(FamilyAdapter):
                 space="projected" if projected_space else "tower",
                 tower_features=None if not projected_space else raw[index.to(raw.device)],
             )
+            if inputs.object_importance is not None:
+                objects = inputs.object_importance
+                batch.object_importance = objects[index.to(objects.device)].to(
+                    batch.features.device
+                )
             self.add_instruction(batch, [image_of_tile[t] for t in members])
             reduction = self.method.reduce(batch)
             reductions.append(reduction)

@@ -49,6 +49,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     refused_inputs = ("pixel_values_videos", "video_grid_thw")
     mrope = True
     windowed = True
+    object_layer_attention = True
 
     def __init__(self, model: nn.Module, method: Method, **options: Any) -> None:
         super().__init__(model, method, **options)
@@ -68,6 +69,21 @@ class Qwen25VLAdapter(FamilyAdapter):
         self.rotary = getattr(module, "apply_rotary_pos_emb_vision", None)
         if self.rotary is None or not hasattr(self.attention, "qkv"):
             raise PrumergeError(f"cannot find the attention of {type(visual).__name__}")
+        # A second block's attention for methods that read two (HiPrune's object layer,
+        # 1-based as the release's ``attn_list[l - 1]``); a windowed block's attention stays
+        # within its windows, as the block computes it.
+        object_layer = getattr(method, "object_layer", None)
+        self.object_attention: nn.Module | None = None
+        self.object_windowed = False
+        if object_layer is not None:
+            blocks = len(visual.blocks)
+            if not 1 <= object_layer <= blocks:
+                raise PrumergeError(
+                    f"{method.name}: object_layer={object_layer} is out of range for the "
+                    f"{blocks}-block {self.title} ViT; supported: 1 to {blocks}"
+                )
+            self.object_attention = visual.blocks[object_layer - 1].attn
+            self.object_windowed = self.windowed and object_layer - 1 not in full
 
     @property
     def projector(self) -> nn.Module:
@@ -101,6 +117,8 @@ class Qwen25VLAdapter(FamilyAdapter):
         handle = None
         if self.importance is not None:
             hooks["qkv"] = self.attention.qkv
+            if self.object_attention is not None:
+                hooks["object_qkv"] = self.object_attention.qkv
 
             def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
                 captured_inputs["position_embeddings"] = kwargs.get("position_embeddings")
@@ -114,10 +132,13 @@ class Qwen25VLAdapter(FamilyAdapter):
                 handle.remove()
         counts = (grid.prod(dim=-1) // self.merge**2).tolist()
         per_image = list(torch.split(merged, counts))
-        keys = importance = None
+        keys = importance = objects = None
         if self.importance is not None:
-            keys, importance = self._pooled_attention(
-                captured["qkv"], captured_inputs["position_embeddings"], grid
+            position_embeddings = captured_inputs["position_embeddings"]  # every block's
+            keys, importance = self._pooled_attention(captured["qkv"], position_embeddings, grid)
+        if "object_qkv" in captured:
+            _, objects = self._pooled_attention(
+                captured["object_qkv"], position_embeddings, grid, windowed=self.object_windowed
             )
         features: list[torch.Tensor | None] = [None] * len(counts)
         anchors: list[torch.Tensor | None] = [None] * len(counts)
@@ -137,6 +158,8 @@ class Qwen25VLAdapter(FamilyAdapter):
                 inputs.keys = torch.stack([keys[i] for i in members])
                 inputs.cls_attn = torch.stack([importance[i] for i in members])
                 inputs.key_heads = self.attention.num_heads
+            if objects is not None:
+                inputs.object_importance = torch.stack([objects[i] for i in members])
             self.add_instruction(inputs, members)
             reduction = self.method.reduce(inputs)
             reductions.append(reduction)
@@ -175,10 +198,17 @@ class Qwen25VLAdapter(FamilyAdapter):
         return index.to(grid.device)
 
     def _pooled_attention(
-        self, qkv: torch.Tensor, position_embeddings: Any, grid: torch.Tensor
+        self,
+        qkv: torch.Tensor,
+        position_embeddings: Any,
+        grid: torch.Tensor,
+        *,
+        windowed: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per image, the (G, C) keys and (G,) mean attention received, per merger group in
-        raster order."""
+        raster order. ``windowed``: the block attends within Qwen2.5-VL's windows only, so
+        each token receives attention from its window's queries (their sum, over the image's
+        token count: the full blocks' scale)."""
         heads = self.attention.num_heads
         length = qkv.shape[0]
         q, k, _ = qkv.reshape(length, 3, heads, -1).unbind(1)  # (T, h, D) each
@@ -196,7 +226,10 @@ class Qwen25VLAdapter(FamilyAdapter):
             qs[i, :size] = q[start : start + size].flatten(1).float()
             ks[i, :size] = k[start : start + size].flatten(1).float()
             valid[i, :size] = True
-        received = mean_attention(qs, ks, num_heads=heads, valid=valid)  # (I, T_max)
+        if windowed:
+            received = self._windowed_attention(q.flatten(1), k.flatten(1), grid, sizes, longest)
+        else:
+            received = mean_attention(qs, ks, num_heads=heads, valid=valid)  # (I, T_max)
         window = self._window_index(grid)
         keys, importance = [], []
         first_group = 0
@@ -212,6 +245,39 @@ class Qwen25VLAdapter(FamilyAdapter):
             importance.append(score)
             first_group += groups
         return keys, importance
+
+    def _windowed_attention(
+        self, q: torch.Tensor, k: torch.Tensor, grid: torch.Tensor, sizes: list[int], longest: int
+    ) -> torch.Tensor:
+        """(I, T_max) attention each token receives within its window, summed over the
+        window's queries and divided by the image's token count; q, k (T, C) in the blocks'
+        window order."""
+        from transformers.vision_utils import get_vision_window_index
+
+        vision = self.model.config.vision_config
+        _, bounds = get_vision_window_index(
+            grid,
+            spatial_merge_size=self.merge,
+            window_size=vision.window_size,
+            patch_size=self.patch_size,
+        )
+        edges = torch.unique_consecutive(torch.as_tensor(bounds, device=q.device))
+        lengths = edges[1:] - edges[:-1]  # (W,) tokens per window
+        widest = int(lengths.max())
+        window = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths)
+        slot = torch.arange(q.shape[0], device=q.device) - edges[:-1][window]
+        qs = q.new_zeros(lengths.numel(), widest, q.shape[1]).float()
+        ks = torch.zeros_like(qs)
+        valid = torch.zeros(lengths.numel(), widest, dtype=torch.bool, device=q.device)
+        qs[window, slot], ks[window, slot], valid[window, slot] = q.float(), k.float(), True
+        within = mean_attention(qs, ks, num_heads=self.attention.num_heads, valid=valid)
+        per_token = within[window, slot] * lengths[window].float()  # summed over the window
+        out = torch.zeros(len(sizes), longest, device=q.device)
+        start = 0
+        for i, size in enumerate(sizes):
+            out[i, :size] = per_token[start : start + size] / size
+            start += size
+        return out
 
     def _downsample(
         self, pixel_values: torch.Tensor, grid: torch.Tensor

@@ -55,6 +55,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     title = "Qwen3-VL"
     model_classes = ("Qwen3VLForConditionalGeneration",)
+    # Its ViT's second-layer attention is not recorded (HiPrune refuses it in one line).
+    object_layer_attention = False
 
     def __init__(self, model: nn.Module, method: Method, **options: Any) -> None:
         super().__init__(model, method, **options)
