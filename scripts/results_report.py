@@ -62,6 +62,13 @@ def budget_label(config: dict) -> str:
     return f"{budget:g}" if isinstance(budget, float) else str(budget)
 
 
+def tokens(config: dict) -> float:
+    """The x of a configuration: its equivalent tokens (image tokens averaged over the LLM's
+    layers, which LLM-side methods are compared by), else the tokens out of the vision side."""
+    equivalent = config.get("equivalent_tokens")
+    return config["tokens_out"] if equivalent is None else equivalent
+
+
 def subtasks(summary: dict) -> list[str]:
     keys = set()
     for config in summary["configs"].values():
@@ -71,7 +78,7 @@ def subtasks(summary: dict) -> list[str]:
 
 def table(name: str, summary: dict) -> str:
     columns = subtasks(summary)
-    head = ["method", "budget", "tokens out", "score", "vs none", "n", *columns]
+    head = ["method", "budget", "tokens out", "tokens eq", "score", "vs none", "n", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config in summary["configs"].values():
         if config.get("score") is None:
@@ -80,13 +87,14 @@ def table(name: str, summary: dict) -> str:
             f"`{config['method']}`",
             budget_label(config),
             f"{config['tokens_out']:.1f}",
+            f"{tokens(config):.1f}",
             f"{config['score']:.2f}",
             "-" if config.get("relative") is None else f"{config['relative']:.1f}%",
             str(config["n"]),
             *(f"{config['scores'].get(c + '/score', float('nan')):.1f}" for c in columns),
         ]
         if config["method"] == "none":
-            row[2:4] = [f"**{row[2]}**", f"**{row[3]}**"]
+            row[2:5] = [f"**{row[2]}**", f"**{row[3]}**", f"**{row[4]}**"]
         lines.append("| " + " | ".join(row) + " |")
     return f"**{name}**\n\n" + "\n".join(lines) + "\n"
 
@@ -177,7 +185,7 @@ def plot(summaries: dict[str, dict], benchmark: str, path: Path) -> None:
         configs = [c for c in summary["configs"].values() if c.get("score") is not None]
         for method in methods:
             points = sorted(
-                (c["tokens_out"], c["score"], c.get("budget") is None)
+                (tokens(c), c["score"], c.get("budget") is None)
                 for c in configs
                 if c["method"] == method
             )
@@ -199,7 +207,7 @@ def plot(summaries: dict[str, dict], benchmark: str, path: Path) -> None:
         axes.xaxis.set_minor_locator(NullLocator())
         axes.set_xlim(14, 300)
         axes.set_title(f"{model} model")
-        axes.set_xlabel("mean visual tokens per image (log scale)")
+        axes.set_xlabel("mean visual tokens per image, per LLM layer (log scale)")
         axes.grid(True, alpha=0.3)
     panels[0].set_ylabel("exact match (%)")
     handles = [

@@ -76,3 +76,37 @@ def test_adaptive_runs_get_no_grid(report, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     report.main()
     assert capsys.readouterr().out.startswith("**a**")
+
+
+def test_joined_runs_replace_configurations_and_recompute_retention(report, tmp_path):
+    old = summary(80.0, 60.0)
+    old["benchmark"] = "synth"
+    new = {"benchmark": "synth", "configs": {"pool-0.25": config("pool", 0.25, 70.0, 1.0, 64.0)}}
+    new["configs"]["pool-0.25"]["relative"] = None  # a run without `none` has no retention
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "summary.json").write_text(json.dumps(new))
+    joined, where = report.join([tmp_path / "old.json", tmp_path / "new"])
+    assert list(joined["configs"]) == list(old["configs"])  # same order, pool-0.25 replaced
+    assert joined["configs"]["pool-0.25"]["score"] == 70.0
+    assert joined["configs"]["pool-0.25"]["relative"] == pytest.approx(87.5)  # 70 / 80
+    assert joined["configs"]["pool-0.08"]["relative"] == pytest.approx(37.5)  # 30 / 80, kept
+    assert where["pool-0.25"] == tmp_path / "new" and where["none-None"] == tmp_path / "old.json"
+
+
+def test_joining_runs_of_two_benchmarks_is_refused(report, tmp_path):
+    for name, benchmark in (("a", "synth"), ("b", "easy-vqa")):
+        (tmp_path / name).mkdir()
+        data = {**summary(80.0, 60.0), "benchmark": benchmark}
+        (tmp_path / name / "summary.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="is easy-vqa, not synth"):
+        report.join([tmp_path / "a", tmp_path / "b"])
+
+
+def test_llm_side_methods_are_placed_at_their_equivalent_tokens(report):
+    vision = config("pool", 0.25, 50.0, 80.0, 64.0)
+    staged = {**config("pdrop", 0.25, 50.0, 80.0, 28.0), "equivalent_tokens": 63.4}
+    assert report.tokens(vision) == 64.0
+    assert report.tokens(staged) == 63.4
+    line = report.table("m", {"configs": {"pdrop": staged}}).splitlines()[-1]
+    assert line.startswith("| `pdrop` | 0.25 | 28.0 | 63.4 | 50.00 | 62.5% |")
