@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from prumerge.errors import PrumergeError
 
@@ -51,6 +52,22 @@ def check_model_placement(args: argparse.Namespace, device: str | None) -> None:
         if str(getattr(args, "device", "auto") or "auto").lower() != "auto":
             raise PrumergeError("give --device or --device-map, not both")
         parse_device_map(args.device_map)
+
+
+def load_args_model(args: argparse.Namespace, device: str | None, methods: list[Any]) -> Any:
+    """``load_model`` with the command's ``--model``, ``--cache-dir``, ``--dtype`` and
+    ``--device-map``; a method of ``methods`` the checkpoint's family cannot run is refused
+    before any weights load."""
+    from prumerge.loading import load_model
+
+    return load_model(
+        args.model,
+        device=device,
+        cache_dir=args.cache_dir,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        methods=methods,
+    )
 
 
 def writable_file(path: str, flag: str, *, kind: str = "image") -> Path:

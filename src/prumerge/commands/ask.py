@@ -10,6 +10,7 @@ from prumerge.commands._args import (
     add_model_placement_args,
     check_model_placement,
     int_arg,
+    load_args_model,
     question_arg,
     writable_file,
 )
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import prumerge
     from prumerge.generation import check_prompt_length, generate_answers, prepare_inputs
     from prumerge.images import load_image
-    from prumerge.loading import load_model, resolve_device
+    from prumerge.loading import resolve_device
     from prumerge.methods.spec import MethodSpec, parse_options, parse_spec
 
     # Everything the user gave is checked before the model loads.
@@ -81,14 +82,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_placement(args, device)
     image = load_image(args.image)
 
-    model, processor, prompt = load_model(
-        args.model,
-        device=device,
-        cache_dir=args.cache_dir,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        methods=[method],
-    )
+    model, processor, prompt = load_args_model(args, device, [method])
     repeats = repeats or (3 if args.compare else 1)
     text = prompt(question)
     check_prompt_length(

@@ -17,6 +17,7 @@ from prumerge.commands._args import (
     add_model_placement_args,
     check_model_placement,
     int_arg,
+    load_args_model,
     question_arg,
     writable_file,
 )
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from prumerge.generation import check_prompt_length
     from prumerge.images import load_image
-    from prumerge.loading import load_model, resolve_device
+    from prumerge.loading import resolve_device
     from prumerge.methods.spec import parse_options
 
     configs = parse_configs(args.methods, args.keep, parse_options(args.option))
@@ -152,14 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     if threads is not None:
         torch.set_num_threads(threads)
-    model, processor, prompt_fn = load_model(
-        args.model,
-        device=device,
-        cache_dir=args.cache_dir,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        methods=[c.build() for c in configs],
-    )
+    model, processor, prompt_fn = load_args_model(args, device, [c.build() for c in configs])
     name = args.model or "default model (DINOv2-S/14 + SmolLM2-135M)"
     batches = make_batches(model, processor, prompt_fn(question), images, paths, batch)
     check_prompt_length(model, batches[0].inputs["input_ids"], new_tokens)

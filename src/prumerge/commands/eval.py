@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -10,7 +11,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prumerge.commands._args import add_model_placement_args, check_model_placement
+from prumerge.commands._args import (
+    add_model_placement_args,
+    check_model_placement,
+    load_args_model,
+)
 from prumerge.errors import PrumergeError
 
 if TYPE_CHECKING:
@@ -394,42 +399,8 @@ def _evaluate(
     rank: int,
     world: int,
 ) -> int:
-    from prumerge.eval.runner import ResultsLock, share_error
-
-    # One run per results directory at a time: a second one would append every prediction
-    # again. Rank 0 holds the lock for the whole run; every rank learns if it failed.
-    lock = ResultsLock(out) if rank == 0 else None
-    error = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except PrumergeError as exc:
-            error = str(exc)
-    error = share_error(error)
-    if error is not None:
-        if rank != 0:
-            raise _QuietError
-        raise PrumergeError(error)
-    try:
-        return _evaluate_locked(args, benchmark, planned, out, device, max_new_tokens, rank, world)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _evaluate_locked(
-    args: argparse.Namespace,
-    benchmark: Any,
-    planned: list[MethodSpec],
-    out: Path,
-    device: str,
-    max_new_tokens: int,
-    rank: int,
-    world: int,
-) -> int:
     from prumerge.eval.predictor import ModelPredictor
-    from prumerge.eval.runner import EvalConfig, check_directory, run_config, summarize
-    from prumerge.loading import load_model
+    from prumerge.eval.runner import EvalConfig, check_directory, evaluate, hold_results
 
     if args.no_progress or rank != 0:
         from transformers.utils import logging as hf_logging
@@ -447,47 +418,45 @@ def _evaluate_locked(
         configs.append(
             (EvalConfig(plan.method, plan.budget, model_id=model_id, options=recorded), method)
         )
-    # Refuse a results directory of another configuration before loading the model, let
-    # alone spending time on any configuration.
-    if not args.overwrite:
+
+    with contextlib.ExitStack() as held:
+        # One run per results directory at a time: a second one would append every
+        # prediction again. Rank 0 holds the lock from before the model loads to the end,
+        # and a directory of another configuration is refused before the model loads.
         try:
-            for config, _ in configs:
-                check_directory(benchmark, config, out)
+            held.enter_context(hold_results(out))
+            if not args.overwrite:
+                for config, _ in configs:
+                    check_directory(benchmark, config, out)
         except PrumergeError:
             if rank != 0:
                 raise _QuietError from None
             raise
 
-    started = time.perf_counter()
-    model, processor, prompt_fn = load_model(
-        args.model,
-        device=device,
-        cache_dir=args.cache_dir,
-        dtype=args.dtype,
-        device_map=args.device_map,
-    )
-    load_seconds = time.perf_counter() - started
-    wall: dict[str, float] = {}
-    for config, method in configs:
-        start = time.perf_counter()
-        with ModelPredictor(
-            model, processor, prompt_fn, method, max_new_tokens=max_new_tokens
-        ) as predictor:
-            run_config(
-                benchmark,
-                config,
-                predictor,
-                out,
-                batch_size=args.batch_size,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
+        started = time.perf_counter()
+        model, processor, prompt_fn = load_args_model(
+            args, device, [method for _, method in configs]
+        )
+        load_seconds = time.perf_counter() - started
+
+        def predictor(method: Any) -> Any:
+            return lambda: ModelPredictor(
+                model, processor, prompt_fn, method, max_new_tokens=max_new_tokens
             )
-        wall[config.name] = time.perf_counter() - start
-    if rank != 0:
+
+        summary = evaluate(
+            benchmark,
+            [(config, predictor(method)) for config, method in configs],
+            out,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            plot=not args.no_plot,
+        )
+    if summary is None:  # not rank 0
         return 0
 
-    names = [config.name for config, _ in configs]
-    summary = summarize(out, names, plot=not args.no_plot, benchmark=benchmark)
+    wall = summary.wall_seconds
     report = summary.to_dict()
     report.update(
         out_dir=str(out),

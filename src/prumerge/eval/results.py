@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "check_results_directory",
     "format_budget",
     "is_prediction_record",
+    "merge_shards",
     "read_predictions",
 ]
 
@@ -240,3 +242,18 @@ def read_predictions(directory: str | Path, *, repair: bool = False) -> list[dic
                 seen.add(record["id"])
                 out.append(record)
     return out
+
+
+def merge_shards(directory: Path, order: Sequence[str]) -> None:
+    """Rewrite ``predictions.jsonl`` from itself and the shards, in benchmark order."""
+    position = {sample_id: i for i, sample_id in enumerate(order)}
+    records = sorted(
+        read_predictions(directory), key=lambda r: position.get(r["id"], len(position))
+    )
+    tmp = directory / (PREDICTIONS + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+    os.replace(tmp, directory / PREDICTIONS)
+    for shard in _shard_files(directory):
+        shard.unlink()

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,21 @@ class ConfigResult:
 
 @dataclass
 class Summary:
-    """Results of all configurations in one output directory."""
+    """Results of all configurations in one output directory.
+
+    Attributes:
+        benchmark: Benchmark name.
+        metric: Metric name.
+        results: One per configuration, in the summary's order.
+        wall_seconds: Seconds the ``evaluate`` call that made this summary spent on each
+            configuration (building its predictor and predicting); empty for a summary read
+            from disk alone. Not written to ``summary.json``: it is of one run, not the results.
+    """
 
     benchmark: str
     metric: str
     results: list[ConfigResult]
+    wall_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict, configurations keyed by name."""
