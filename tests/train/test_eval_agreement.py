@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from PIL import Image
+
 from prumerge.eval.datasets import Sample, load_benchmark
 from prumerge.eval.runner import EvalConfig, evaluate
 from prumerge.train.evaluate import score_answers, synth_groups
@@ -55,3 +57,22 @@ def test_training_and_prumerge_eval_give_the_same_score_on_the_same_answers(tmp_
     for kind, share in trained["accuracy"].items():
         if kind != "all":
             assert abs(100 * share - result.scores[f"{kind}/score"]) < 1e-3, kind
+
+
+def test_training_asks_easy_vqa_as_prumerge_eval_does() -> None:
+    """The same questions, short-answer instruction included, grouped by image in id order."""
+    from prumerge.data.easy_vqa import load_easy_vqa
+    from prumerge.data.sample import SHORT_ANSWER
+    from prumerge.train.evaluate import easy_vqa_groups
+
+    groups = easy_vqa_groups(max_images=3)
+    ids, turns, paths = load_easy_vqa("test")
+    asked: dict[int, list[tuple[str, str, str]]] = {}
+    for s in load_benchmark("easy-vqa").samples:
+        asked.setdefault(s.meta["image_id"], []).append((s.prompt, s.answers[0], s.subtask))
+    assert len(groups) == 3
+    for image_id, (load, items) in zip(ids[:3], groups, strict=True):
+        assert items == asked[image_id]
+        assert [(q, a) for q, a, _ in items] == [(q + SHORT_ANSWER, a) for q, a in turns[image_id]]
+        with Image.open(paths[image_id]) as image:
+            assert load().tobytes() == image.convert("RGB").tobytes()

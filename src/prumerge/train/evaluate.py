@@ -1,6 +1,9 @@
 """Quick accuracy checks of a trained default model: easy-vqa and generated scenes.
 
-Both answer every question of an image through one shared prefix
+Both read their questions from the eval harness's own loaders (``benchmark_groups``), so
+they ask what ``prumerge eval`` asks, LLaVA's short-answer instruction included
+(``prumerge.data.sample.SHORT_ANSWER``, the one training appends at ``instruction_rate``).
+They answer every question of an image through one shared prefix
 (``prumerge.shared_prefix``), with the reduction given, greedy, and score it with the
 benchmark harness's own metric (``exact_match`` of ``prumerge.eval.metrics``, after EvalAI's
 normalisation), so a training report and ``prumerge eval`` give the same score on the same
@@ -14,9 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prumerge.data.easy_vqa import is_negated, load_easy_vqa, question_type
+from prumerge.data.easy_vqa import is_negated
 
 __all__ = [
+    "benchmark_groups",
+    "easy_vqa_groups",
     "evaluate_easy_vqa",
     "evaluate_groups",
     "evaluate_synth",
@@ -132,16 +137,6 @@ def score_answers(items: Sequence[tuple[str, str, str]], guesses: Sequence[str])
     return result
 
 
-def _open(path: str) -> Callable[[], Any]:
-    def load() -> Any:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            return image.convert("RGB")
-
-    return load
-
-
 def evaluate_easy_vqa(
     model: Any,
     processor: Any,
@@ -153,11 +148,9 @@ def evaluate_easy_vqa(
     progress: bool = True,
 ) -> dict[str, Any]:
     """easy-vqa's test split (the first ``max_images`` images by id; None: all 1,000 images,
-    9,673 questions), questions as easy-vqa asks them (no answer instruction)."""
-    ids, turns, paths = load_easy_vqa("test")
-    if max_images is not None:
-        ids = ids[:max_images]
-    groups = [(_open(paths[i]), [(q, a, question_type(a)) for q, a in turns[i]]) for i in ids]
+    9,673 questions), each question with LLaVA's short-answer instruction, as
+    ``prumerge eval --benchmark easy-vqa`` asks it (``easy_vqa_groups``)."""
+    groups = easy_vqa_groups(max_images)
     start = time.time()
     result = evaluate_groups(
         model,
@@ -168,25 +161,46 @@ def evaluate_easy_vqa(
         batch_images=batch_images,
         progress=f"easy-vqa {method}" if progress else None,
     )
-    result["subset"] = "all test images" if max_images is None else f"first {len(ids)} test images"
+    result["subset"] = (
+        "all test images" if max_images is None else f"first {len(groups)} test images"
+    )
     result["seconds"] = round(time.time() - start, 1)
     return result
 
 
-def synth_groups(scenes: int) -> list[Group]:
-    """The first ``scenes`` test scenes (seed 0), from the eval harness's own ``synth`` loader:
-    the same images, prompts, answers and subtasks as ``prumerge eval --benchmark synth``."""
+def benchmark_groups(name: str, image_key: str, **options: Any) -> dict[Any, Group]:
+    """The eval harness's own ``name`` loader, its questions grouped by image: the same
+    images, prompts (answer instruction included), answers and subtasks as
+    ``prumerge eval --benchmark NAME``.
+
+    Args:
+        name: the benchmark (``prumerge.eval.datasets``).
+        image_key: the ``Sample.meta`` key that names a sample's image.
+        options: the loader's options.
+
+    Returns:
+        ``{image: (loader, [(prompt, answer, subtask), ...])}``, images in first-seen order.
+    """
     from prumerge.eval.datasets import get_benchmark
 
-    groups: list[Group] = []
-    scene_of: dict[Any, int] = {}
-    for sample in get_benchmark("synth").loader(None, n_scenes=scenes):
-        scene = sample.meta["scene"]
-        if scene not in scene_of:
-            scene_of[scene] = len(groups)
-            groups.append((sample.image, []))
-        groups[scene_of[scene]][1].append((sample.prompt, sample.answers[0], sample.subtask))
+    groups: dict[Any, Group] = {}
+    for sample in get_benchmark(name).loader(None, **options):
+        _, items = groups.setdefault(sample.meta[image_key], (sample.load_image, []))
+        items.append((sample.prompt, sample.answers[0], sample.subtask))
     return groups
+
+
+def easy_vqa_groups(max_images: int | None = None) -> list[Group]:
+    """easy-vqa's test questions by image, the first ``max_images`` images by id (None: all),
+    from the eval harness's own loader (``benchmark_groups``)."""
+    groups = benchmark_groups("easy-vqa", "image_id", split="test")
+    return [groups[image_id] for image_id in sorted(groups)[:max_images]]
+
+
+def synth_groups(scenes: int) -> list[Group]:
+    """The first ``scenes`` test scenes (seed 0), from the eval harness's own ``synth`` loader
+    (``benchmark_groups``)."""
+    return list(benchmark_groups("synth", "scene", n_scenes=scenes).values())
 
 
 def evaluate_synth(
