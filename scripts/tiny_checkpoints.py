@@ -22,30 +22,11 @@ from typing import Any
 import torch
 
 from prumerge.loading.checkpoint import images_only, save_images_only
+from prumerge.models import tiny
+from prumerge.models.tiny import BOS, EOS, IMAGE_ID, PAD, PATCH, PINPOINTS, VIEW, VOCAB
 
-VOCAB = 100
-PAD, BOS, EOS = 0, 1, 2
-IMAGE_ID = 99
-TEXT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "pad_token_id": PAD,
-    "bos_token_id": BOS,
-    "eos_token_id": EOS,
-}
-VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-}
-PATCH = 7
-VIEW = 28  # anyres view: 4x4 patches
-PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+#: The layers of each tiny model's text model and vision tower.
+LAYERS = 2
 
 #: Words the tokenizer knows (the synth benchmark's answers among them), after the specials.
 WORDS = [
@@ -110,13 +91,15 @@ def chat_template(user: str, image: str, end: str, assistant: str) -> str:
     )
 
 
+#: Chat-turn markers' ids, below the table's image and video ids.
+TURN_START, TURN_END = 95, 94
 QWEN_SPECIALS = {
     IMAGE_ID: "<|image_pad|>",
-    98: "<|video_pad|>",
-    97: "<|vision_start|>",
-    96: "<|vision_end|>",
-    95: "<|im_start|>",
-    94: "<|im_end|>",
+    tiny.VIDEO_ID: "<|video_pad|>",
+    tiny.START_ID: "<|vision_start|>",
+    tiny.END_ID: "<|vision_end|>",
+    TURN_START: "<|im_start|>",
+    TURN_END: "<|im_end|>",
 }
 QWEN_TEMPLATE = chat_template(
     "<|im_start|>user\\n",
@@ -126,42 +109,16 @@ QWEN_TEMPLATE = chat_template(
 )
 
 
-def _peaked(model: torch.nn.Module, scale: float = 6.0) -> torch.nn.Module:
-    """Scale the vision tower's queries up: random weights give almost flat attention."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if "language_model" in name:
-                continue
-            if hasattr(module, "q_proj") and isinstance(module.q_proj, torch.nn.Linear):
-                module.q_proj.weight.mul_(scale)
-            if hasattr(module, "qkv") and isinstance(module.qkv, torch.nn.Linear):
-                module.qkv.weight[: module.qkv.weight.shape[0] // 3].mul_(scale)
-    return model
-
-
 def llava() -> tuple[torch.nn.Module, Any]:
     """LLaVA-1.5: CLIP 42 px (6x6 patches), Llama, ``USER: <image>\\n... ASSISTANT:``."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION, image_size=42, patch_size=PATCH),
-        text_config=LlamaConfig(**TEXT),
-        image_token_id=IMAGE_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(tiny.llava(LAYERS))
     tokenizer = build_tokenizer({IMAGE_ID: "<image>"}, {"image_token": "<image>"})
+    side = tiny.LLAVA_IMAGE
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
-            size={"height": 42, "width": 42}, do_center_crop=False, do_convert_rgb=True
+            size={"height": side, "width": side}, do_center_crop=False, do_convert_rgb=True
         ),
         tokenizer=tokenizer,
         patch_size=PATCH,
@@ -176,23 +133,12 @@ def llava() -> tuple[torch.nn.Module, Any]:
 def llava_next() -> tuple[torch.nn.Module, Any]:
     """LLaVA-NeXT: CLIP 28 px views, anyres grids, Llama, ``[INST] <image>\\n... [/INST]``."""
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
         LlavaNextProcessor,
     )
 
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**VISION, image_size=VIEW, patch_size=PATCH),
-        text_config=LlamaConfig(**TEXT),
-        image_grid_pinpoints=PINPOINTS,
-        image_token_id=IMAGE_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = LlavaNextForConditionalGeneration(config)
+    model = LlavaNextForConditionalGeneration(tiny.llava_next(LAYERS))
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
             size={"shortest_edge": VIEW},
@@ -212,24 +158,18 @@ def llava_next() -> tuple[torch.nn.Module, Any]:
 def llava_onevision() -> tuple[torch.nn.Module, Any]:
     """LLaVA-OneVision: SigLIP 28 px views, anyres_max_2, Qwen2, ChatML."""
     from transformers import (
-        LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionImageProcessorPil,
         LlavaOnevisionProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
     )
 
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**VISION, image_size=VIEW, patch_size=PATCH),
-        text_config=Qwen2Config(**TEXT),
-        image_grid_pinpoints=PINPOINTS,
-        image_token_index=IMAGE_ID,
-        video_token_index=98,
-        vision_aspect_ratio="anyres_max_2",
-    )
-    model = LlavaOnevisionForConditionalGeneration(config)
-    specials = {IMAGE_ID: "<image>", 98: "<video>", 95: "<|im_start|>", 94: "<|im_end|>"}
+    model = LlavaOnevisionForConditionalGeneration(tiny.llava_onevision(LAYERS))
+    specials = {
+        IMAGE_ID: "<image>",
+        tiny.VIDEO_ID: "<video>",
+        TURN_START: "<|im_start|>",
+        TURN_END: "<|im_end|>",
+    }
     processor = images_only(LlavaOnevisionProcessor)(
         image_processor=LlavaOnevisionImageProcessorPil(
             size={"height": VIEW, "width": VIEW}, image_grid_pinpoints=PINPOINTS
@@ -245,23 +185,9 @@ def llava_onevision() -> tuple[torch.nn.Module, Any]:
     return model, processor
 
 
-def _qwen_text() -> dict[str, Any]:
-    return dict(
-        TEXT,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
-    )
-
-
-def _qwen_ids() -> dict[str, int]:
-    return {
-        "image_token_id": IMAGE_ID,
-        "video_token_id": 98,
-        "vision_start_token_id": 97,
-        "vision_end_token_id": 96,
-    }
-
-
 def _qwen_processor(cls: type) -> Any:
+    """A Qwen-VL processor of class ``cls``: 4 px patches merged 2x2, 16x16 to 32x32 px
+    images, ChatML."""
     from transformers import Qwen2VLImageProcessorPil
 
     image_processor = Qwen2VLImageProcessorPil(
@@ -278,53 +204,27 @@ def _qwen_processor(cls: type) -> Any:
     )
 
 
+def _qwen(model_class: str, processor_class: str, family: str) -> tuple[torch.nn.Module, Any]:
+    """A Qwen-VL model of the table's ``family`` config, with its processor."""
+    import transformers
+
+    model = getattr(transformers, model_class)(tiny.CONFIGS[family](LAYERS))
+    return model, _qwen_processor(getattr(transformers, processor_class))
+
+
+def qwen2_vl() -> tuple[torch.nn.Module, Any]:
+    """Qwen2-VL: full-attention ViT (4 px patches, 2x2 merger), M-RoPE, ChatML."""
+    return _qwen("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "qwen2_vl")
+
+
 def qwen2_5_vl() -> tuple[torch.nn.Module, Any]:
     """Qwen2.5-VL: window-attention ViT (4 px patches, 2x2 merger), M-RoPE, ChatML."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-    )
-
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 4,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 16,
-        "out_hidden_size": 32,
-        "fullatt_block_indexes": [1],
-    }
-    config = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_text(), **_qwen_ids())
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    return model, _qwen_processor(Qwen2_5_VLProcessor)
+    return _qwen("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "qwen2_5_vl")
 
 
 def qwen3_vl() -> tuple[torch.nn.Module, Any]:
     """Qwen3-VL: DeepStack features after LLM layers 0 and 1, interleaved M-RoPE, ChatML."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 4,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "out_hidden_size": 32,
-        "num_position_embeddings": 16,
-        "deepstack_visual_indexes": [0, 1],
-    }
-    text = _qwen_text()
-    text["rope_parameters"]["mrope_interleaved"] = True
-    text["head_dim"] = 8
-    config = Qwen3VLConfig(vision_config=vision, text_config=text, **_qwen_ids())
-    model = Qwen3VLForConditionalGeneration(config)
-    return model, _qwen_processor(Qwen3VLProcessor)
+    return _qwen("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "qwen3_vl")
 
 
 def internvl() -> tuple[torch.nn.Module, Any]:
@@ -332,25 +232,18 @@ def internvl() -> tuple[torch.nn.Module, Any]:
     thumbnail, Qwen2, ChatML."""
     from transformers import (
         GotOcr2ImageProcessorPil,
-        InternVLConfig,
         InternVLForConditionalGeneration,
         InternVLProcessor,
     )
 
-    config = InternVLConfig(
-        vision_config={**VISION, "image_size": 56, "patch_size": PATCH},
-        text_config=dict(TEXT, model_type="qwen2"),
-        image_token_id=IMAGE_ID,
-        image_seq_length=16,
-    )
-    model = InternVLForConditionalGeneration(config)
+    model = InternVLForConditionalGeneration(tiny.internvl(LAYERS))
     specials = {
         IMAGE_ID: "<IMG_CONTEXT>",
-        98: "<video>",
-        97: "<img>",
-        96: "</img>",
-        95: "<|im_start|>",
-        94: "<|im_end|>",
+        tiny.VIDEO_ID: "<video>",
+        tiny.START_ID: "<img>",
+        tiny.END_ID: "</img>",
+        TURN_START: "<|im_start|>",
+        TURN_END: "<|im_end|>",
     }
     extra = {
         "start_image_token": "<img>",
@@ -358,13 +251,14 @@ def internvl() -> tuple[torch.nn.Module, Any]:
         "context_image_token": "<IMG_CONTEXT>",
         "video_token": "<video>",
     }
+    side = tiny.TILE
     processor = images_only(InternVLProcessor)(
         image_processor=GotOcr2ImageProcessorPil(
-            size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4
+            size={"height": side, "width": side}, crop_to_patches=True, min_patches=1, max_patches=4
         ),
         tokenizer=build_tokenizer(specials, extra),
         video_processor=None,
-        image_seq_length=16,
+        image_seq_length=tiny.TILE_TOKENS,
         chat_template=chat_template(
             "<|im_start|>user\\n", "<IMG_CONTEXT>\\n", "<|im_end|>\\n", "<|im_start|>assistant\\n"
         ),
@@ -376,45 +270,31 @@ def gemma3() -> tuple[torch.nn.Module, Any]:
     """Gemma 3: SigLIP 56 px (8x8 patches) average-pooled to 4x4 tokens, a bidirectional
     image block, ``<start_of_turn>user ... <start_of_turn>model``."""
     from transformers import (
-        Gemma3Config,
         Gemma3ForConditionalGeneration,
         Gemma3ImageProcessorPil,
         Gemma3Processor,
     )
 
-    config = Gemma3Config(
-        vision_config={**VISION, "image_size": 56, "patch_size": PATCH, "vision_use_head": False},
-        text_config=dict(
-            TEXT,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-            sliding_window=12,
-            layer_types=["sliding_attention", "full_attention"],
-        ),
-        mm_tokens_per_image=16,
-        image_token_index=IMAGE_ID,
-        boi_token_index=97,
-        eoi_token_index=96,
-    )
-    model = Gemma3ForConditionalGeneration(config)
+    model = Gemma3ForConditionalGeneration(tiny.gemma3(LAYERS))
     with torch.no_grad():  # the projection starts at zero: give the images some weight
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.5)
     specials = {
         IMAGE_ID: "<image_soft_token>",
-        97: "<start_of_image>",
-        96: "<end_of_image>",
-        95: "<start_of_turn>",
-        94: "<end_of_turn>",
+        tiny.START_ID: "<start_of_image>",
+        tiny.END_ID: "<end_of_image>",
+        TURN_START: "<start_of_turn>",
+        TURN_END: "<end_of_turn>",
     }
     extra = {
         "image_token": "<image_soft_token>",
         "boi_token": "<start_of_image>",
         "eoi_token": "<end_of_image>",
     }
+    side = tiny.TILE
     processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessorPil(size={"height": 56, "width": 56}),
+        image_processor=Gemma3ImageProcessorPil(size={"height": side, "width": side}),
         tokenizer=build_tokenizer(specials, extra),
-        image_seq_length=16,
+        image_seq_length=tiny.TILE_TOKENS,
         chat_template=chat_template(
             "<start_of_turn>user\\n",
             "<start_of_image>",
@@ -425,15 +305,10 @@ def gemma3() -> tuple[torch.nn.Module, Any]:
     return model, processor
 
 
-#: The families this script writes, by the names ``prumerge.adapters.FAMILIES`` uses.
+#: The families this script writes: every one of the table (``prumerge.models.tiny.CONFIGS``),
+#: each by the function of its name above.
 FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
-    "llava": llava,
-    "llava_next": llava_next,
-    "llava_onevision": llava_onevision,
-    "qwen2_5_vl": qwen2_5_vl,
-    "qwen3_vl": qwen3_vl,
-    "internvl": internvl,
-    "gemma3": gemma3,
+    family: globals()[family] for family in tiny.CONFIGS
 }
 
 
@@ -441,7 +316,7 @@ def write(directory: Path, family: str, seed: int = 0) -> Path:
     """Write ``family``'s tiny checkpoint into ``directory / family``; returns that path."""
     torch.manual_seed(seed)
     model, processor = FAMILIES[family]()
-    model = _peaked(model.eval())
+    model = tiny.peaked(model.eval())
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
     target = directory / family

@@ -13,16 +13,10 @@ import pytest
 from PIL import Image
 
 from prumerge.cli import main
+from prumerge.models import tiny
 
-FAMILIES = [
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "internvl",
-    "gemma3",
-]
+#: Every family of the tiny-checkpoint table, which ``scripts/tiny_checkpoints.py`` writes.
+FAMILIES = list(tiny.CONFIGS)
 QUESTION = "what color is the shape?"
 
 
@@ -40,6 +34,13 @@ def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, list[
     code = main(args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip().splitlines()
+
+
+def test_every_built_in_family_has_a_tiny_checkpoint(tiny_families):
+    from prumerge.adapters import FAMILIES as REGISTERED
+
+    built_in = {name for name in REGISTERED if REGISTERED[name].__module__.startswith("prumerge.")}
+    assert built_in == set(FAMILIES) == set(tiny_families)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -96,7 +97,8 @@ def test_each_family_answers_in_its_own_prompt_format(tiny_families):
     assert prompts["llava_next"] == "[INST] <image>\nhi [/INST]"
     assert prompts["llava_onevision"].startswith("<|im_start|>user <image>\nhi<|im_end|>")
     qwen = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n"
-    assert prompts["qwen2_5_vl"] == prompts["qwen3_vl"] == qwen + "<|im_start|>assistant\n"
+    assert prompts["qwen2_vl"] == prompts["qwen2_5_vl"] == qwen + "<|im_start|>assistant\n"
+    assert prompts["qwen3_vl"] == prompts["qwen2_5_vl"]
     assert prompts["internvl"] == (
         "<|im_start|>user\n<IMG_CONTEXT>\nhi<|im_end|>\n<|im_start|>assistant\n"
     )

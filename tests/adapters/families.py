@@ -2,9 +2,10 @@
 
 ``CASES`` has one entry per family registered in ``prumerge.adapters.FAMILIES``; the
 guarantee tests are parametrised over it, and ``test_every_family_has_a_case`` fails when a
-family is registered without one. No weights are downloaded: every model is built from a
-config with random weights (the vision towers' queries are scaled up so that attention is
-peaked, as in trained towers).
+family is registered without one. No weights are downloaded: every model is built from the
+family's config in ``prumerge.models.tiny`` (the table ``scripts/tiny_checkpoints.py`` saves)
+with random weights (the vision towers' queries are scaled up so that attention is peaked,
+as in trained towers).
 """
 
 from __future__ import annotations
@@ -15,66 +16,26 @@ from typing import Any
 
 import torch
 from transformers import (
-    CLIPVisionConfig,
-    Gemma3Config,
     Gemma3ForConditionalGeneration,
-    InternVLConfig,
     InternVLForConditionalGeneration,
-    LlamaConfig,
-    LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2Config,
-    Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
-    SiglipVisionConfig,
 )
+
+from prumerge.models import tiny
+from prumerge.models.tiny import VIEW, peaked
 
 from .conftest import IMAGE_SIZE, IMAGE_TOKEN, tiny_llava
 
-VOCAB = 100
-TEXT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-}
-VIEW = 28  # anyres view size: 4x4 patches of 7 px
-PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+#: Layers of the text models and vision towers here: one more than the tiny checkpoints'.
+LAYERS = 3
 #: Anyres image sizes (height, width): 2 tiles (unpadded), 2 tiles the other way, 4 tiles.
 ANYRES_SIZES = [(30, 70), (64, 20), (50, 50)]
 #: Qwen image grids (t, h, w) in ViT patches; merged grids 4x6, 4x4, 6x4.
 QWEN_GRIDS = [(1, 8, 12), (1, 8, 8), (1, 12, 8)]
-
-
-def _peaked(model: torch.nn.Module, scale: float = 6.0) -> torch.nn.Module:
-    """Scale the vision towers' queries up: random weights give almost flat attention."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if "language_model" in name:
-                continue
-            if hasattr(module, "q_proj") and isinstance(module.q_proj, torch.nn.Linear):
-                module.q_proj.weight.mul_(scale)
-            if hasattr(module, "qkv") and isinstance(module.qkv, torch.nn.Linear):
-                width = module.qkv.weight.shape[0] // 3
-                module.qkv.weight[:width].mul_(scale)
-    return model
 
 
 def _set_attn(model: torch.nn.Module, attn: str) -> torch.nn.Module:
@@ -150,16 +111,9 @@ def _llava_images(kinds: list[int], seed: int) -> dict[str, Any]:
 
 
 def _llava_next(attn: str, seed: int) -> torch.nn.Module:
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**VISION, image_size=VIEW, patch_size=7),
-        text_config=LlamaConfig(**TEXT),
-        image_grid_pinpoints=PINPOINTS,
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
     torch.manual_seed(seed)
-    return _set_attn(_peaked(LlavaNextForConditionalGeneration(config).eval()), attn)
+    model = LlavaNextForConditionalGeneration(tiny.llava_next(LAYERS))
+    return _set_attn(peaked(model.eval()), attn)
 
 
 def _anyres_images(kinds: list[int], seed: int) -> dict[str, Any]:
@@ -169,87 +123,27 @@ def _anyres_images(kinds: list[int], seed: int) -> dict[str, Any]:
 
 
 def _llava_onevision(attn: str, seed: int) -> torch.nn.Module:
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**VISION, image_size=VIEW, patch_size=7),
-        text_config=Qwen2Config(**TEXT),
-        image_grid_pinpoints=PINPOINTS,
-        image_token_index=IMAGE_TOKEN,
-        video_token_index=98,
-        # Grids above 2 views' area are shrunk (bilinear), as anyres_max_9 does for big images.
-        vision_aspect_ratio="anyres_max_2",
-    )
     torch.manual_seed(seed)
-    return _set_attn(_peaked(LlavaOnevisionForConditionalGeneration(config).eval()), attn)
-
-
-def _qwen_config(cls: type, vision: dict[str, Any]) -> Any:
-    text = dict(
-        TEXT,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-    )
-    return cls(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=98,
-        vision_start_token_id=97,
-        vision_end_token_id=96,
-    )
+    model = LlavaOnevisionForConditionalGeneration(tiny.llava_onevision(LAYERS))
+    return _set_attn(peaked(model.eval()), attn)
 
 
 def _qwen2_5_vl(attn: str, seed: int) -> torch.nn.Module:
-    vision = {
-        "depth": 3,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 4,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 16,  # 2x2 merged tokens per window: the blocks see window order
-        "out_hidden_size": 32,
-        "fullatt_block_indexes": [1],
-    }
     torch.manual_seed(seed)
-    config = _qwen_config(Qwen2_5_VLConfig, vision)
-    return _set_attn(_peaked(Qwen2_5_VLForConditionalGeneration(config).eval()), attn)
+    model = Qwen2_5_VLForConditionalGeneration(tiny.qwen2_5_vl(LAYERS))
+    return _set_attn(peaked(model.eval()), attn)
 
 
 def _qwen2_vl(attn: str, seed: int) -> torch.nn.Module:
-    vision = {
-        "depth": 2,
-        "embed_dim": 32,
-        "hidden_size": 32,
-        "mlp_ratio": 2,
-        "num_heads": 4,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    }
     torch.manual_seed(seed)
-    config = _qwen_config(Qwen2VLConfig, vision)
-    return _set_attn(_peaked(Qwen2VLForConditionalGeneration(config).eval()), attn)
+    model = Qwen2VLForConditionalGeneration(tiny.qwen2_vl(LAYERS))
+    return _set_attn(peaked(model.eval()), attn)
 
 
 def _qwen3_vl(attn: str, seed: int) -> torch.nn.Module:
-    vision = {
-        "depth": 3,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 4,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "out_hidden_size": 32,
-        "num_position_embeddings": 16,  # a 4x4 learned grid, interpolated to each image
-        "deepstack_visual_indexes": [0, 1],  # added after LLM layers 0 and 1
-    }
     torch.manual_seed(seed)
-    config = _qwen_config(Qwen3VLConfig, vision)
-    config.text_config.head_dim = 8
-    config.text_config.rope_parameters["mrope_interleaved"] = True
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    return _set_attn(_peaked(model), attn)
+    model = Qwen3VLForConditionalGeneration(tiny.qwen3_vl(LAYERS))
+    return _set_attn(peaked(model.eval()), attn)
 
 
 def _qwen_images(kinds: list[int], seed: int) -> dict[str, Any]:
@@ -263,24 +157,11 @@ def _qwen_images(kinds: list[int], seed: int) -> dict[str, Any]:
 
 #: InternVL tiles per image kind: one tile (no thumbnail), 2 + thumbnail, 4 + thumbnail.
 INTERNVL_TILES = [1, 3, 5]
-INTERNVL_TILE = 56  # 8x8 patches of 7 px, pixel-shuffled into 4x4 tokens
 
 
 def _internvl(attn: str, seed: int) -> torch.nn.Module:
-    config = InternVLConfig(
-        vision_config={
-            **VISION,
-            "image_size": INTERNVL_TILE,
-            "patch_size": 7,
-            "use_qk_norm": True,  # as InternViT-6B: q and k are normed before attention
-            "norm_type": "rms_norm",
-        },
-        text_config=dict(TEXT, model_type="qwen2"),
-        image_token_id=IMAGE_TOKEN,
-        image_seq_length=16,
-    )
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
+    model = InternVLForConditionalGeneration(tiny.internvl(LAYERS, qk_norm=True)).eval()
     with torch.no_grad():  # peaked attention: the q norm's gain, since q is normed
         for layer in model.model.vision_tower.encoder.layer:
             layer.attention.q_norm.weight.mul_(6.0)
@@ -288,7 +169,7 @@ def _internvl(attn: str, seed: int) -> torch.nn.Module:
 
 
 def _internvl_images(kinds: list[int], seed: int) -> dict[str, Any]:
-    tiles = [_draw((INTERNVL_TILES[k], 3, INTERNVL_TILE, INTERNVL_TILE), k, seed) for k in kinds]
+    tiles = [_draw((INTERNVL_TILES[k], 3, tiny.TILE, tiny.TILE), k, seed) for k in kinds]
     return {"pixel_values": torch.cat(tiles)}
 
 
@@ -297,42 +178,20 @@ def _internvl_counts(model: torch.nn.Module, inputs: dict[str, Any], kinds: list
     return [INTERNVL_TILES[k] * per_tile for k in kinds]
 
 
-GEMMA_IMAGE = 56  # 8x8 patches of 7 px, pooled 2x2 into 4x4 tokens
-
-
 def _gemma3(attn: str, seed: int) -> torch.nn.Module:
-    config = Gemma3Config(
-        vision_config={
-            **VISION,
-            "image_size": GEMMA_IMAGE,
-            "patch_size": 7,
-            "vision_use_head": False,
-        },
-        text_config=dict(
-            TEXT,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-            sliding_window=12,  # shorter than the prompts: the sliding layers see a window
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        ),
-        mm_tokens_per_image=16,
-        image_token_index=IMAGE_TOKEN,
-        boi_token_index=97,
-        eoi_token_index=96,
-    )
     torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
+    model = Gemma3ForConditionalGeneration(tiny.gemma3(LAYERS)).eval()
     with torch.no_grad():  # the projection starts at zero: give the images some weight
         weight = model.model.multi_modal_projector.mm_input_projection_weight
         weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
-    model = _peaked(model)
+    model = peaked(model)
     model.model.language_model.set_attn_implementation(attn)
     return _set_attn(model, attn)
 
 
 def _gemma3_images(kinds: list[int], seed: int) -> dict[str, Any]:
     # Scaled differently, so that the attention and the adaptive counts differ.
-    shape = (3, GEMMA_IMAGE, GEMMA_IMAGE)
+    shape = (3, tiny.TILE, tiny.TILE)
     return {
         "pixel_values": torch.stack([_draw(shape, k, seed) * (1.0, 3.0, 0.3)[k] for k in kinds])
     }

@@ -8,15 +8,16 @@ import torch
 import prumerge
 from prumerge.adapters import FAMILIES
 from prumerge.errors import PrumergeError
+from prumerge.models import tiny
 
-from .families import CASES, TEXT, build_batch
+from .families import CASES, build_batch
 
 FAMILY = pytest.mark.parametrize("family", list(CASES))
 ROWS = [([[3, 4], [5, 6, 7]], [0]), ([[7, 8, 9, 3, 4], [5, 6, 8]], [1]), ([[5], [6, 7]], [2])]
-EOS = TEXT["eos_token_id"]
+EOS = tiny.EOS
 #: Image, video and vision start/end ids: a random model may pick them, and a prompt that
 #: ends in a placeholder no longer matches its images.
-SPECIAL = [96, 97, 98, 99]
+SPECIAL = [tiny.END_ID, tiny.START_ID, tiny.VIDEO_ID, tiny.IMAGE_ID]
 MULTI = [([[3, 4], [5], [6, 7]], [0, 1]), ([[5], [6, 7]], [2])]
 
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import prumerge
+from prumerge.models import tiny
 from prumerge.serve.positions import ReducedImage, reduced_mrope_positions
 from tests.scripts import load_script
 
@@ -32,7 +33,7 @@ def test_reduced_mrope_positions_equal_the_adapters(method: str, options: dict):
     script = load_script("tiny_checkpoints")
     torch.manual_seed(0)
     model, processor = script.qwen2_5_vl()
-    model = script._peaked(model.eval())
+    model = tiny.peaked(model.eval())
     seen: list[torch.Tensor] = []
 
     def record(_module, _args, kwargs):

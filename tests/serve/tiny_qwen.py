@@ -17,11 +17,12 @@ def tiny_served_qwen(directory: Path) -> Path:
     )
 
     from prumerge.loading.checkpoint import save_images_only
+    from prumerge.models import tiny
     from tests.scripts import load_script
 
     script = load_script("tiny_checkpoints")
     text = dict(
-        script._qwen_text(),
+        tiny.text(2),
         hidden_size=64,
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -40,10 +41,10 @@ def tiny_served_qwen(directory: Path) -> Path:
         "fullatt_block_indexes": [1],
     }
     torch.manual_seed(0)
-    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **script._qwen_ids())
-    model = script._peaked(Qwen2_5_VLForConditionalGeneration(config).eval())
-    model.generation_config.pad_token_id = script.PAD
-    model.generation_config.eos_token_id = script.EOS
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tiny.QWEN_IDS)
+    model = tiny.peaked(Qwen2_5_VLForConditionalGeneration(config).eval())
+    model.generation_config.pad_token_id = tiny.PAD
+    model.generation_config.eos_token_id = tiny.EOS
     target = directory / "qwen2_5_vl-served"
     model.save_pretrained(str(target))
     save_images_only(script._qwen_processor(Qwen2_5_VLProcessor), target)
