@@ -230,6 +230,14 @@ def main() -> None:
     parser.add_argument("--benchmark", required=True)
     parser.add_argument("runs", nargs="+", metavar="MODEL=DIR")
     parser.add_argument("--plot", type=Path, required=True)
+    parser.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="MODEL:METHOD,...",
+        help="leave these methods out of that model's tables and panel (for example figures "
+        "measured with a former default); repeatable",
+    )
     args = parser.parse_args()
     summaries, directories = {}, {}
     for item in args.runs:
@@ -237,6 +245,15 @@ def main() -> None:
         if not sep:
             sys.exit(f"results_report: {item!r} is not MODEL=DIR")
         summaries[name], directories[name] = join([Path(d) for d in directory.split("+")])
+    for item in args.drop:
+        name, sep, methods = item.partition(":")
+        if not sep or name not in summaries:
+            sys.exit(f"results_report: --drop {item!r} is not MODEL:METHOD,... of a given model")
+        dropped = set(methods.split(","))
+        configs = summaries[name]["configs"]
+        summaries[name]["configs"] = {
+            k: c for k, c in configs.items() if c["method"] not in dropped
+        }
     if any(
         isinstance(c.get("budget"), (int, float))
         for summary in summaries.values()

@@ -110,3 +110,16 @@ def test_llm_side_methods_are_placed_at_their_equivalent_tokens(report):
     assert report.tokens(staged) == 63.4
     line = report.table("m", {"configs": {"pdrop": staged}}).splitlines()[-1]
     assert line.startswith("| `pdrop` | 0.25 | 28.0 | 63.4 | 50.00 | 62.5% |")
+
+
+def test_drop_leaves_methods_out_of_one_model(report, tmp_path, monkeypatch, capsys):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary(80.0, 60.0)))
+    argv = ["results_report.py", "--benchmark", "synth", f"a={tmp_path / 'a'}"]
+    argv += [f"b={tmp_path / 'b'}", "--drop", "b:pool", "--plot", str(tmp_path / "p.png")]
+    monkeypatch.setattr(sys, "argv", argv)
+    report.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `pool`")]
+    assert rows[0] == "| `pool` | 30.0 (38%) | 60.0 (75%) |  |  |  |  |"  # b's cells empty
+    assert len(rows) == 3  # the grid, then a's table with both budgets; none in b's table
