@@ -47,6 +47,15 @@ def join(directories: list[Path]) -> tuple[dict, dict[str, Path]]:
         configs = {**summary.get("configs", {}), **part["configs"]}
         summary = {**part, "configs": configs}
         where.update({name: directory for name in part["configs"]})
+    lead = {"none": 0, "prumerge": 1, "prumerge+": 2}  # then the others by name, as run
+    order = sorted(
+        summary["configs"].items(),
+        key=lambda item: (
+            lead.get(item[1]["method"], 3),
+            "" if item[1]["method"] in lead else item[1]["method"],
+        ),
+    )
+    summary["configs"] = dict(order)
     full = [c["score"] for c in summary["configs"].values() if c["method"] == "none"]
     if full and full[0]:
         for config in summary["configs"].values():
