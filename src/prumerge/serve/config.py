@@ -36,6 +36,22 @@ def is_adaptive(config: ServeConfig) -> bool:
     return config.takes_budget and config.budget is None
 
 
+def serve_config_of(
+    hf_config: Any, *, architecture: str = ARCHITECTURE, keep: int = 64, projected: bool = False
+) -> ServeConfig:
+    """The validated ``prumerge`` entry of a served model's config; without one, a one-line
+    error showing the ``--hf-overrides`` that gives ``architecture`` one (``keep`` is the
+    example's budget; ``projected`` as for ``parse_serve_config``)."""
+    value = getattr(hf_config, CONFIG_KEY, None)
+    if value is None:
+        raise PrumergeError(
+            f"the model config has no {CONFIG_KEY!r} entry; pass e.g. --hf-overrides "
+            f'\'{{"architectures": ["{architecture}"], '
+            f'"{CONFIG_KEY}": {{"method": "prumerge+", "keep": {keep}}}}}\''
+        )
+    return parse_serve_config(value, projected=projected)
+
+
 def parse_serve_config(value: Any, *, projected: bool = False) -> ServeConfig:
     """Validate the ``prumerge`` config entry of a served model.
 

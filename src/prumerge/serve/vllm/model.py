@@ -51,30 +51,15 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from prumerge.errors import PrumergeError
 from prumerge.serve.config import (
-    ARCHITECTURE,
-    CONFIG_KEY,
     ServeConfig,
     is_adaptive,
     output_count,
-    parse_serve_config,
+    serve_config_of,
 )
 from prumerge.serve.vision import layout_of, reduce_patches
 from prumerge.serve.vllm.adaptive import COUNTS, FEATURES, max_count, processor_tower
 from prumerge.serve.vllm.towers import build_tower, run_tower, tower_kind, tower_weights_mapper
-
-
-def serve_config_of(hf_config) -> ServeConfig:
-    """The validated ``prumerge`` entry of a served model's config."""
-    value = getattr(hf_config, CONFIG_KEY, None)
-    if value is None:
-        raise PrumergeError(
-            f"the model config has no {CONFIG_KEY!r} entry; pass e.g. --hf-overrides "
-            f'\'{{"architectures": ["{ARCHITECTURE}"], '
-            f'"{CONFIG_KEY}": {{"method": "prumerge+", "keep": 64}}}}\''
-        )
-    return parse_serve_config(value)
 
 
 # -- processing: K placeholders per image --------------------------------------------------

@@ -56,7 +56,8 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from prumerge.errors import PrumergeError
-from prumerge.serve.config import CONFIG_KEY, QWEN_ARCHITECTURE, ServeConfig, parse_serve_config
+from prumerge.serve.config import QWEN_ARCHITECTURE, ServeConfig
+from prumerge.serve.config import serve_config_of as config_entry
 from prumerge.serve.positions import ReducedImage, reduced_mrope_positions
 from prumerge.serve.vllm.adaptive import COUNTS, FEATURES, _checkpoint_files
 
@@ -67,14 +68,9 @@ _LOCK = threading.Lock()
 
 
 def serve_config_of(hf_config) -> ServeConfig:
-    value = getattr(hf_config, CONFIG_KEY, None)
-    if value is None:
-        raise PrumergeError(
-            f"the model config has no {CONFIG_KEY!r} entry; pass e.g. --hf-overrides "
-            f'\'{{"architectures": ["{QWEN_ARCHITECTURE}"], '
-            f'"{CONFIG_KEY}": {{"method": "prumerge+", "keep": 16}}}}\''
-        )
-    return parse_serve_config(value, projected=True)
+    """The validated ``prumerge`` entry of a served Qwen2.5-VL's config (on the projector's
+    outputs)."""
+    return config_entry(hf_config, architecture=QWEN_ARCHITECTURE, keep=16, projected=True)
 
 
 class QwenProcessorTower:
