@@ -1,12 +1,11 @@
 """SparseVLM v1's recycling through the shared staged mechanism: each row of a batch equals
 the row alone, the KV cache gives what recomputing the whole sequence gives (the recycled
-tokens are rebuilt in every pass over the prompt), and M-RoPE decoders refuse it in one line."""
+tokens are rebuilt in every pass over the prompt), on LLaMA's 1-D positions and on M-RoPE
+decoders, where the recycled tokens take their centres' slots."""
 
-import pytest
 import torch
 
 import prumerge
-from prumerge.errors import PrumergeError
 
 from .families import CASES, build_batch
 from .test_families import ROWS, SPECIAL, answers, generate, greedy_without_cache
@@ -39,13 +38,44 @@ def test_rows_alone_and_the_kv_cache_agree_with_recycling():
     assert all(added == 0 for _, _, added in plain) and plain[-1][1] < together[0]
 
 
-def test_m_rope_decoders_refuse_recycling_in_one_line():
-    model = CASES["qwen2_5_vl"].build("sdpa", 0)
-    with pytest.raises(PrumergeError, match="supported here: recycle=False") as info:
-        prumerge.apply(model, "sparsevlm", **V1)
-    assert "\n" not in str(info.value)
-    inputs = build_batch(CASES["qwen2_5_vl"], model, ROWS)
-    with prumerge.apply(model, "sparsevlm", **V1, recycle=False):
-        out = generate(model, inputs, max_new_tokens=2)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
-    assert torch.isfinite(out.float()).all()
+def test_m_rope_decoders_recycle_in_place():
+    # Qwen2.5-VL keeps M-RoPE's original 3-D indices, so no token moves: the kept tokens stay
+    # in their slots and each cluster's mean takes the slot of its centre (one of its
+    # members); every row still equals the row alone. (No check against decoding without
+    # the cache here: recomputed, the generated tokens join the raters and rank anew.)
+    case = CASES["qwen2_5_vl"]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    with prumerge.apply(model, "sparsevlm", **V1) as handle:
+        assert handle.fastv.recycle and handle.fastv.in_place
+        disarm = handle.fastv.disarm
+        handle.fastv.disarm = lambda: None  # keep the call's state for inspection
+        with torch.no_grad():
+            model(**{k: v for k, v in inputs.items() if k != "counts"})
+        rewrites, dropped = handle.fastv.call.rewrites, handle.fastv.call.dropped
+        disarm()
+        handle.fastv.disarm = disarm
+        batch = generate(model, inputs, suppress_tokens=SPECIAL)
+        together = handle.stats.tokens_out
+        for i, row in enumerate(ROWS):
+            one = build_batch(case, model, [row])
+            assert (
+                answers(batch, inputs)[i]
+                == answers(generate(model, one, suppress_tokens=SPECIAL), one)[0]
+            )
+    stages = [handle.method.stages(n) for n in inputs["counts"]]
+    assert together == [sum(s[-1][1:]) for s in stages] and all(s[-1][2] > 0 for s in stages)
+    last = rewrites[-1]
+    for row in range(len(ROWS)):
+        mine = last.batch == row
+        targets, sources = last.target[mine], last.source[mine]
+        assert set(targets.tolist()) <= set(sources.tolist())  # a centre is its cluster's
+        assert len(set(targets.tolist())) == stages[row][-1][2]
+        assert not dropped[row, targets].any()  # the clusters reach the last layer
+        for t in set(targets.tolist()):  # each cluster token is its members' mean
+            torch.testing.assert_close(
+                last.weight[mine][targets == t].sum(),
+                torch.tensor(1.0, dtype=torch.float64),
+                atol=1e-5,
+                rtol=0,
+            )

@@ -1,8 +1,8 @@
 """SparseVLM against the release transcription (sparsevlm_release.py) on a tiny random LLaVA:
 the same prompt positions reach the last layer, with the same final hidden states (logits);
-each row of a batch against the release run alone; SparseVLM+ (the default), v1 with its
-recycling of dropped tokens (v1's default, as the release's) and v1 without it. The keep
-tables are the release's at N = 576."""
+each row of a batch against the release run alone; v1 with its recycling of dropped tokens
+(the default, as the release's without ``USE_VERSION``), v1 without it, and SparseVLM+
+(``USE_VERSION=2_0``). The keep tables are the release's at N = 576."""
 
 import pytest
 import torch
@@ -86,14 +86,15 @@ def test_default_equals_the_release_model_level(batch, version, keep, recycle):
 def test_v1_release_counts_with_recycling_at_576_tokens():
     from prumerge.methods import build_method
 
-    method = build_method("sparsevlm", keep=192, version="v1")  # recycles, as the release
+    method = build_method("sparsevlm", keep=192)  # v1, recycling, as the release's default
+    assert (method.version, method.recycles) == ("v1", True)
     stages = method.stages(576)
     assert [ranked + added for _, ranked, added in stages] == [309, 204, 113]  # the release's
     assert [n for _, n in method.schedule(576)] == [309, 204, 113]
-    assert build_method("sparsevlm", keep=192).stages(576) == [
+    assert build_method("sparsevlm", keep=192, version="v2").stages(576) == [
         (3, 300, 0),
         (7, 200, 0),
         (16, 118, 0),
     ]
     with pytest.raises(ValueError, match="recycle=True needs version='v1'"):
-        build_method("sparsevlm", recycle=True)
+        build_method("sparsevlm", version="v2", recycle=True)

@@ -51,14 +51,11 @@ class SparseVLMPatch(StagedPruning):
         self.capture_layers = tuple(method.layers)
         self.version = method.version
         self.heads = method.heads
-        self.compact_positions = method.version == "v1" and not uses_mrope(language_model)
+        # M-RoPE decoders keep every token's original 3-D position, so there no token moves:
+        # the kept ones stay in their slots and each cluster takes its centre's slot.
+        self.in_place = uses_mrope(language_model)
+        self.compact_positions = method.version == "v1" and not self.in_place
         self.recycle = method.recycles
-        if self.recycle and uses_mrope(language_model):
-            raise PrumergeError(
-                "sparsevlm v1 recycles dropped tokens into the slots after the kept ones and "
-                "renumbers positions, and this decoder keeps M-RoPE's original 3-D indices; "
-                "supported here: recycle=False"
-            )
         self._raters: dict[int, torch.Tensor] = {}  # per image, its raters' prompt positions
         # per image, {first layer of a stage: (tokens kept by rank, cluster tokens added)}
         self._stages: dict[int, dict[int, tuple[int, int]]] = {}
@@ -82,7 +79,9 @@ class SparseVLMPatch(StagedPruning):
         """v1's recycling: each image keeps its best ``ranked`` tokens and, in the slots
         after them, the cluster means of the top 30 % of its dropped tokens by score
         (``prumerge.ops.recycle``): the release's order (kept, then recycled, then the
-        text), positions renumbered."""
+        text), positions renumbered. On M-RoPE decoders (``in_place``) the kept tokens stay
+        where they are and each cluster's mean takes the slot, and so the 3-D position, of
+        its centre."""
         if not self.recycle:
             return super().select(view, score)
         ranked = view.keep.clone()
@@ -105,10 +104,17 @@ class SparseVLMPatch(StagedPruning):
             if not clusters:
                 continue
             members = dropped[score[row, dropped].topk(recycled).indices]  # by score
-            assignment = density_peak_clusters(view.hidden[row, members], clusters)
+            assignment, centres = density_peak_clusters(view.hidden[row, members], clusters)
+            positions = view.rows[row]
+            if self.in_place:
+                out[row, members[centres]] = True
+                batch.append(torch.full((recycled,), row, device=slots.device))
+                target.append(positions[members[centres][assignment]])
+                source.append(positions[members])
+                weight.append(cluster_weights(assignment, clusters))
+                continue
             out[row, slots] = False
             out[row, slots[: count + clusters]] = True
-            positions = view.rows[row]
             batch.append(torch.full((count + recycled,), row, device=slots.device))
             target += [positions[slots[:count]], positions[slots[count + assignment]]]
             source += [positions[kept], positions[members]]

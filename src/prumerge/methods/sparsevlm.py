@@ -15,7 +15,7 @@ from prumerge.methods.base import (
 from prumerge.methods.pdrop import parse_layers
 from prumerge.ops.recycle import recycle_counts
 
-SPARSEVLM_VERSIONS = ("v2", "v1")
+SPARSEVLM_VERSIONS = ("v1", "v2")
 
 #: The release's keep counts after its pruning layers 2 / 6 / 15, by ``RETAIN_TOKN`` (of
 #: LLaVA-1.5's 576 tokens), per version (``llava/model/language_model/score.py``).
@@ -59,13 +59,13 @@ class SparseVLM(LanguageMethod):
     the text raters (text tokens most relevant to the image, chosen once from the input
     embeddings) pay them in that layer.
 
-    ``version="v2"`` (the default) is SparseVLM+ as released: the attention divided by the
-    rotary embeddings' own logits ("gravity correction"), only the ``heads`` heads that pay
-    the image the most attention averaged, original positions, no recycling.
-    ``version="v1"`` is SparseVLM as its release's default runs it: every head, compact
-    positions, and (``recycle``, on by default for v1) the top 30 % of each stage's dropped
-    tokens clustered (DPC-kNN) into int(r / 10) + 1 tokens that go on after the kept ones
-    (docs/methods.md).
+    ``version="v1"`` (the default) is SparseVLM as its release runs without ``USE_VERSION``:
+    every head, compact positions, and (``recycle``, on by default for v1) the top 30 % of
+    each stage's dropped tokens clustered (DPC-kNN) into int(r / 10) + 1 tokens that go on
+    after the kept ones. ``version="v2"`` is SparseVLM+ (the release's ``USE_VERSION=2_0``):
+    the attention divided by the rotary embeddings' own logits ("gravity correction"), only
+    the ``heads`` heads that pay the image the most attention averaged, original positions,
+    no recycling (docs/methods.md).
 
     ``keep`` is the release's ``RETAIN_TOKN`` (192 by default; its tables at 64 / 96 / 128 /
     192 of 576 tokens, interpolated between them and scaled by N / 576); the image tokens
@@ -77,7 +77,7 @@ class SparseVLM(LanguageMethod):
         self,
         keep: int | float = 192,
         layers: str | tuple[int, ...] = (2, 6, 15),
-        version: str = "v2",
+        version: str = "v1",
         heads: int = 14,
         recycle: bool | None = None,
     ) -> None:

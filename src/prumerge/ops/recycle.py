@@ -17,8 +17,9 @@ def recycle_counts(dropped: int) -> tuple[int, int]:
     return recycled, int(recycled / 10) + 1
 
 
-def density_peak_clusters(tokens: torch.Tensor, clusters: int) -> torch.Tensor:
-    """The cluster of every token, by density peaks over k-nearest neighbours (DPC-kNN).
+def density_peak_clusters(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cluster of every token and the centre of every cluster, by density peaks over
+    k-nearest neighbours (DPC-kNN).
 
     As the release's ``cluster_and_merge``: distances ||x_i - x_j|| / sqrt(C); density
     exp(-mean of the squared distances to the k = ``clusters`` nearest tokens, the token
@@ -34,7 +35,8 @@ def density_peak_clusters(tokens: torch.Tensor, clusters: int) -> torch.Tensor:
         clusters: the number of clusters.
 
     Returns:
-        (M,) int64: each token's cluster, numbered in the order of the centres.
+        (M,) int64: each token's cluster, numbered in the order of the centres; and (K,)
+        int64: the centres, as indices into ``tokens``.
     """
     count, width = tokens.shape
     if not 1 <= clusters <= count:
@@ -54,7 +56,7 @@ def density_peak_clusters(tokens: torch.Tensor, clusters: int) -> torch.Tensor:
     centres = torch.sort(score, descending=True, stable=True).indices[:clusters]  # (K,)
     assignment = distance[centres].argmin(dim=0)  # (M,) the nearest centre, first on ties
     assignment[centres] = torch.arange(clusters, device=tokens.device)
-    return assignment
+    return assignment, centres
 
 
 def cluster_weights(assignment: torch.Tensor, clusters: int) -> torch.Tensor:
