@@ -1,6 +1,7 @@
 """HiPrune's second tower layer on InternVL3 and Gemma 3: the object layer's signal is the
 importance computed the same way at that layer (equal to it at the importance layer itself,
-different elsewhere), pooled as the importance is."""
+different elsewhere), pooled as the importance is; and on Qwen2/2.5-VL a ratio keeps the
+release's rounded count."""
 
 import pytest
 import torch
@@ -35,3 +36,17 @@ def test_the_object_layer_is_read_like_the_importance_layer(family):
         assert not torch.allclose(batch.object_importance, batch.cls_attn)
     with pytest.raises(PrumergeError, match=f"supported: 1 to {depth}"):
         prumerge.apply(model, "hiprune", object_layer=depth + 1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_ratio_keeps_the_qwen_releases_count_of_merged_tokens(family):
+    # Qwen2_5_VL/qwen2_5_vl_HiPrune.py of the release: round(n_image_tokens * RETAIN), n the
+    # image's tokens after the 2x2 merge (24 and 16 here: 24 * 0.223 = 5.35, 16 * 0.3 = 4.8).
+    case = CASES[family]
+    model = case.build("sdpa", 0)
+    inputs = build_batch(case, model, ROWS)
+    for keep in (0.223, 0.3, 0.5):
+        with prumerge.apply(model, "hiprune", keep=keep, alpha=0.5, object_layer=1) as handle:
+            generate(model, inputs, max_new_tokens=1)
+        assert handle.stats.tokens_out == [round(n * keep) for n in inputs["counts"]]
+    assert inputs["counts"] == [24, 16, 24]
