@@ -51,7 +51,7 @@ class SparseVLMPatch(StagedPruning):
         self.capture_layers = tuple(method.layers)
         self.version = method.version
         self.heads = method.heads
-        # M-RoPE decoders keep every token's original 3-D position, so there no token moves:
+        # M-RoPE decoders keep every token's original 3-D position, so on them no token moves:
         # the kept ones stay in their slots and each cluster takes its centre's slot.
         self.in_place = uses_mrope(language_model)
         self.compact_positions = method.version == "v1" and not self.in_place
