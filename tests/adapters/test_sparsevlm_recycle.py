@@ -1,7 +1,7 @@
-"""SparseVLM v1's recycling through the shared staged mechanism: each row of a batch equals
-the row alone, the KV cache gives what recomputing the whole sequence gives (the recycled
-tokens are rebuilt in every pass over the prompt), on LLaMA's 1-D positions and on M-RoPE
-decoders, where the recycled tokens take their centres' slots."""
+"""SparseVLM v1's recycling through the shared staged mechanism. On LLaMA's 1-D positions each
+row of a batch equals the row alone and the KV cache gives what recomputing the whole sequence
+gives (the recycled tokens are rebuilt in every pass over the prompt). On M-RoPE decoders the
+recycled tokens take their centres' slots, and each row equals the row alone."""
 
 import torch
 
